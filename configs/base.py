@@ -1,0 +1,70 @@
+"""Defaults shared by every config; each config file overrides a few fields."""
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  """Returns the default config (every field the trainer reads)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 128  # users per step (one window each)
+  c.num_epochs = 100
+  c.progress = True  # progress bar on stderr
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "ml-1m-seq"
+  c.data.max_len = 200  # items per window (most recent kept)
+  c.data.manual_dir = ""  # raw files; "" = $RECATTN_MANUAL_DIR
+  c.data.data_dir = ""  # prepared TFDS data; "" = $RECATTN_DATA_DIR or ~/.cache/recattn/tfds
+  c.data.min_rating = 0.0  # keep ratings >= this (rated sources only)
+  c.data.min_item_count = 0  # drop items with fewer interactions
+  c.data.min_user_count = 3  # drop users with fewer (leave-one-out needs 3)
+  c.data.synthetic_num_users = 1000
+  c.data.synthetic_num_items = 500
+  c.data.synthetic_mean_len = 30
+  c.data.synthetic_seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "sasrec"
+  c.model.attention = "scaled_dot"  # see recattn.attention.REGISTRY
+  c.model.num_blocks = 2
+  c.model.num_heads = 1
+  c.model.dim = 50
+  c.model.ffn_dim = 0  # 0 = dim
+  c.model.dropout = 0.2
+  c.model.pre_ln = True
+  c.model.l2_norm = False  # unit-norm user states and item vectors
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.name = "sampled_softmax"  # bce | softmax | sampled_softmax
+  c.loss.num_negatives = 128
+  c.loss.sampling = "uniform"  # uniform | popularity
+  c.loss.logq_correction = True
+  c.loss.temperature = 1.0  # logits = <h, e> / temperature
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = "adam"  # adam | adamw
+  c.optimizer.lr = 1e-3
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.98
+  c.optimizer.weight_decay = 0.0  # adamw only
+  c.optimizer.schedule = "constant"  # constant | cosine | linear (after warm-up)
+  c.optimizer.warmup_steps = 0
+  c.optimizer.clip_norm = 0.0  # 0 = no clipping
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_epochs = 5
+  c.eval.batch_size = 512  # users per eval step
+  c.eval.filter_seen = False  # exclude a user's earlier items from full ranking
+  c.eval.num_negatives = 100  # sampled protocol: the positive + this many
+  c.eval.negatives = "uniform"  # uniform | popularity
+  c.eval.seed = 0  # seed of the sampled-protocol negatives
+  c.eval.select_metric = "valid/full/ndcg@10"
+  c.eval.patience = 0  # evaluations without improvement before stopping; 0 = off
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_epochs = 5
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # devices on the data axis; -1 = all
+  return c

@@ -1,0 +1,50 @@
+"""SASRec on ML-1M (`ml-1m-seq`, leave-one-out, max_len 200).
+
+Default (generative-recommenders' SASRec setting): 2 blocks, 1 head, d=50,
+dropout 0.2, sampled softmax with 128 uniform negatives, unit-norm vectors
+with temperature 0.05, Adam lr 1e-3, batch 128, 101 epochs.
+
+  python -m recattn.main --config=configs/sasrec_ml1m.py \
+      --workdir=runs/sasrec_ml1m
+
+`:paper` is the SASRec paper setting: BCE with one negative per position,
+dropout 0.2, lr 1e-3, batch 128, 200 epochs.
+
+  python -m recattn.main --config=configs/sasrec_ml1m.py:paper \
+      --workdir=runs/sasrec_ml1m_paper
+
+Results: see README.md "Results" (filled from final_metrics.json).
+"""
+
+from configs import base
+
+
+def get_config(arg: str | None = None):
+  c = base.get_base_config()
+  c.data.name = "ml-1m-seq"
+  c.data.max_len = 200
+  c.model.num_blocks = 2
+  c.model.num_heads = 1
+  c.model.dim = 50
+  c.model.dropout = 0.2
+  c.batch_size = 128
+  c.optimizer.lr = 1e-3
+  c.eval.every_epochs = 5
+  c.eval.filter_seen = False
+  if not arg:
+    c.num_epochs = 101
+    c.model.l2_norm = True
+    c.loss.name = "sampled_softmax"
+    c.loss.num_negatives = 128
+    c.loss.temperature = 0.05
+  elif arg == "paper":
+    c.num_epochs = 200
+    c.model.l2_norm = False
+    c.loss.name = "bce"
+    c.loss.num_negatives = 1
+    c.eval.every_epochs = 20
+    c.eval.select_metric = "valid/sampled_uniform100/ndcg@10"
+  else:
+    raise ValueError(f"configs/sasrec_ml1m.py:{arg}: allowed args are "
+                     "'' (default) and 'paper'")
+  return c

@@ -1,0 +1,138 @@
+"""Vectorised numpy batching for leave-one-out next-item training and eval.
+
+Leave-one-out split of each user's chronological sequence s_1..s_n:
+  train: inputs s_1..s_{n-3}, targets s_2..s_{n-2} (every position predicts
+         the next item; the last two items are never seen in training);
+  valid: history s_1..s_{n-2}, target s_{n-1};
+  test:  history s_1..s_{n-1}, target s_n.
+Windows keep the last `max_len` items and are left-padded with 0. No
+per-user Python loop: every array is built by index arithmetic on the
+dataset's CSR layout.
+"""
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from recattn.data.dataset import SequenceDataset
+
+# How many trailing items of each sequence a split's history never includes
+# (for valid/test the first of them is the target).
+HOLDOUT = {"train": 2, "valid": 2, "test": 1}
+
+
+def _windows(items: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+             width: int) -> np.ndarray:
+  """`[U, width]` right-aligned windows of items[starts:ends], 0-padded."""
+  src = ends[:, None] - width + np.arange(width)[None, :]  # [U, W]
+  valid = src >= starts[:, None]
+  return np.where(valid, items[np.clip(src, 0, None)], 0).astype(np.int32)
+
+
+def _bounds(ds: SequenceDataset, split: str):
+  starts = ds.offsets[:-1]
+  ends = ds.offsets[1:] - HOLDOUT[split]
+  return starts, ends
+
+
+def train_arrays(ds: SequenceDataset, max_len: int):
+  """Returns `inputs, targets: [U', L] int32` for users with >= 2 train items."""
+  starts, ends = _bounds(ds, "train")
+  keep = ends - starts >= 2
+  starts, ends = starts[keep], ends[keep]
+  inputs = _windows(ds.items, starts, ends - 1, max_len)
+  targets = _windows(ds.items, starts + 1, ends, max_len)
+  return inputs, targets
+
+
+def eval_arrays(ds: SequenceDataset, split: str, max_len: int):
+  """Returns `history: [U, L]`, `targets: [U]`, and history bounds `[U]`."""
+  if split not in ("valid", "test"):
+    raise ValueError(f"split={split!r}; allowed: 'valid', 'test'")
+  starts, ends = _bounds(ds, split)
+  history = _windows(ds.items, starts, ends, max_len)
+  targets = ds.items[ends].astype(np.int32)
+  return history, targets, starts, ends
+
+
+def seen_items(items, starts, ends, width: int) -> np.ndarray:
+  """`[B, width]` every item of items[starts:ends] (left-aligned, 0-padded)."""
+  src = starts[:, None] + np.arange(width)[None, :]
+  return np.where(src < ends[:, None], items[np.minimum(src, len(items) - 1)],
+                  0).astype(np.int32)
+
+
+def item_counts(ds: SequenceDataset) -> np.ndarray:
+  """`[V + 1]` interaction counts over the training part of every sequence."""
+  starts, ends = _bounds(ds, "train")
+  lens = np.diff(ds.offsets)
+  in_train = np.arange(len(ds.items)) < np.repeat(ends, lens)
+  return np.bincount(ds.items[in_train], minlength=ds.num_items + 1)
+
+
+def sample_eval_negatives(ds: SequenceDataset, num: int, strategy: str,
+                          seed: int) -> np.ndarray:
+  """`[U, num]` negatives per user, none of them in the user's sequence.
+
+  Drawn once per dataset and seed so that every evaluation of a run (and
+  every run with the same seed) ranks against the same candidates.
+  """
+  rng = np.random.default_rng(seed)
+  num_users, num_items = ds.num_users, ds.num_items
+  if strategy == "uniform":
+    probs = None
+  elif strategy == "popularity":
+    counts = item_counts(ds).astype(np.float64)[1:]
+    probs = counts / counts.sum()
+  else:
+    raise ValueError(f"eval negative sampling {strategy!r}; allowed: "
+                     "'uniform', 'popularity'")
+  user_of = np.repeat(np.arange(num_users), np.diff(ds.offsets))
+  seen_keys = np.unique(user_of.astype(np.int64) * (num_items + 1) + ds.items)
+  out = np.zeros((num_users, num), np.int32)
+  filled = np.zeros(num_users, np.int64)
+  todo = np.arange(num_users)
+  while len(todo):
+    draw = rng.choice(num_items, size=(len(todo), 2 * num), p=probs) + 1
+    keys = todo[:, None].astype(np.int64) * (num_items + 1) + draw
+    pos = np.searchsorted(seen_keys, keys)
+    ok = seen_keys[np.minimum(pos, len(seen_keys) - 1)] != keys
+    # Without replacement within a user: drop repeats of earlier draws.
+    order = np.argsort(keys, axis=1, kind="stable")
+    sorted_keys = np.take_along_axis(keys, order, 1)
+    first = np.ones_like(ok)
+    first[:, 1:] = sorted_keys[:, 1:] != sorted_keys[:, :-1]
+    unique = np.empty_like(ok)
+    np.put_along_axis(unique, order, first, 1)
+    ok &= unique
+    if filled.any():  # later rounds: also drop items taken earlier
+      taken = out[todo]
+      ok &= ~(draw[:, :, None] == taken[:, None, :]).any(-1)
+    rank = np.cumsum(ok, axis=1) - 1 + filled[todo][:, None]
+    put = ok & (rank < num)
+    rows = np.broadcast_to(todo[:, None], put.shape)[put]
+    out[rows, rank[put]] = draw[put]
+    filled[todo] += put.sum(1)
+    todo = todo[filled[todo] < num]
+  return out
+
+
+def epoch_batches(num_rows: int, batch_size: int, epoch: int,
+                  seed: int) -> Iterator[np.ndarray]:
+  """Shuffled row indices for one epoch, `[batch_size]` each.
+
+  The order depends only on (seed, epoch), so a resumed run replays exactly
+  the batches an uninterrupted one would. The last batch is padded with -1
+  (rows the caller turns into all-padding examples that carry no loss).
+  """
+  order = np.random.default_rng([seed, epoch]).permutation(num_rows)
+  pad = -num_rows % batch_size
+  order = np.concatenate([order, np.full(pad, -1, order.dtype)])
+  yield from order.reshape(-1, batch_size)
+
+
+def take_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
+  """`array[rows]` with rows == -1 giving all-zero (padding) rows."""
+  out = array[np.maximum(rows, 0)]
+  out[rows < 0] = 0
+  return out

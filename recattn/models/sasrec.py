@@ -1,0 +1,136 @@
+"""SASRec: causal self-attention over a user's item sequence.
+
+Kang & McAuley, "Self-Attentive Sequential Recommendation", ICDM 2018.
+The item embedding is shared with the output layer: the score of item j after
+position t is <h_t, e_j> (divided by a temperature and optionally on the unit
+sphere, as in generative-recommenders' SASRec baseline).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from recattn import attention
+
+
+class MultiHeadAttention(nnx.Module):
+  """Projections around one registered attention variant."""
+
+  def __init__(self, dim: int, num_heads: int, variant: str, *, rngs):
+    self.num_heads = num_heads
+    self.head_dim = dim // num_heads
+    self.attend = attention.get(variant)
+    self.qkv = nnx.Linear(dim, 3 * dim, rngs=rngs)
+    self.out = nnx.Linear(dim, dim, rngs=rngs)
+
+  def __call__(self, x, mask: attention.Mask, *, return_weights=False):
+    b, l, _ = x.shape
+    qkv = self.qkv(x).reshape(b, l, 3, self.num_heads, self.head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, L, H, Dh]
+    y, weights = self.attend(q, k, v, mask, return_weights=return_weights)
+    return self.out(y.reshape(b, l, -1)), weights
+
+
+class Block(nnx.Module):
+  """Self-attention + position-wise feed-forward, pre- or post-LayerNorm."""
+
+  def __init__(self, dim, num_heads, ffn_dim, dropout, variant, pre_ln, *,
+               rngs):
+    self.pre_ln = pre_ln
+    self.attn = MultiHeadAttention(dim, num_heads, variant, rngs=rngs)
+    self.ln_attn = nnx.LayerNorm(dim, epsilon=1e-8, rngs=rngs)
+    self.ln_ffn = nnx.LayerNorm(dim, epsilon=1e-8, rngs=rngs)
+    self.ffn_in = nnx.Linear(dim, ffn_dim, rngs=rngs)
+    self.ffn_out = nnx.Linear(ffn_dim, dim, rngs=rngs)
+    self.dropout = nnx.Dropout(dropout)
+
+  def _drop(self, x, rngs):
+    return self.dropout(x, rngs=rngs, deterministic=rngs is None)
+
+  def _ffn(self, x, rngs):
+    h = self._drop(jax.nn.relu(self.ffn_in(x)), rngs)
+    return self._drop(self.ffn_out(h), rngs)
+
+  def __call__(self, x, mask, *, rngs, return_weights=False):
+    if self.pre_ln:
+      a, w = self.attn(self.ln_attn(x), mask, return_weights=return_weights)
+      x = x + self._drop(a, rngs)
+      x = x + self._ffn(self.ln_ffn(x), rngs)
+    else:
+      a, w = self.attn(x, mask, return_weights=return_weights)
+      x = self.ln_attn(x + self._drop(a, rngs))
+      x = self.ln_ffn(x + self._ffn(x, rngs))
+    return x, w
+
+
+class SASRec(nnx.Module):
+  """SASRec-style recommender; `encode` gives `[B, L, D]` user states."""
+
+  def __init__(
+      self,
+      *,
+      num_items: int,
+      max_len: int,
+      dim: int,
+      num_blocks: int,
+      num_heads: int,
+      ffn_dim: int,
+      dropout: float,
+      attention: str = "scaled_dot",
+      pre_ln: bool = True,
+      l2_norm: bool = False,
+      rngs: nnx.Rngs,
+  ):
+    self.dim = dim
+    self.l2_norm = l2_norm
+    # Row 0 is padding; it is masked out of every score and loss.
+    self.item_embedding = nnx.Embed(
+        num_items + 1, dim, embedding_init=nnx.initializers.normal(0.02),
+        rngs=rngs)
+    self.pos_embedding = nnx.Embed(
+        max_len, dim, embedding_init=nnx.initializers.normal(0.02),
+        rngs=rngs)
+    self.blocks = nnx.List([
+        Block(dim, num_heads, ffn_dim, dropout, attention, pre_ln, rngs=rngs)
+        for _ in range(num_blocks)
+    ])
+    self.final_ln = nnx.LayerNorm(dim, epsilon=1e-8, rngs=rngs)
+    self.dropout = nnx.Dropout(dropout)
+
+  def _normalize(self, x):
+    if not self.l2_norm:
+      return x
+    return x * jax.lax.rsqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-12)
+
+  def item_vectors(self, ids: jax.Array) -> jax.Array:
+    """Output-side item vectors `[..., D]` for item ids `[...]`."""
+    return self._normalize(self.item_embedding(ids))
+
+  def all_item_vectors(self) -> jax.Array:
+    """`[V + 1, D]`; row 0 (padding) must be masked by the caller."""
+    return self._normalize(self.item_embedding.embedding[...])
+
+  def encode(
+      self,
+      items: jax.Array,  # [B, L] int, left-padded with 0
+      *,
+      rngs: nnx.Rngs | None = None,
+      return_weights: bool = False,
+  ):
+    """Returns user states `[B, L, D]` (and per-block weights if asked)."""
+    valid = items > 0  # [B, L]
+    x = self.item_embedding(items) * math.sqrt(self.dim)
+    x = x + self.pos_embedding.embedding[...][None, -items.shape[1]:]
+    x = self.dropout(x, rngs=rngs, deterministic=rngs is None)
+    keep = valid[..., None].astype(x.dtype)
+    x = x * keep
+    mask = attention.Mask(causal=True, key_valid=valid)
+    weights = []
+    for block in self.blocks:
+      x, w = block(x, mask, rngs=rngs, return_weights=return_weights)
+      x = x * keep
+      weights.append(w)
+    h = self._normalize(self.final_ln(x))
+    return (h, weights) if return_weights else h

@@ -1,0 +1,241 @@
+"""One trainer for every model: `train_and_evaluate(config, workdir)`.
+
+The train step is a pure function of (state, batch, rng), jit-compiled over
+a `data` mesh. Validation picks the checkpoint; test is evaluated once, on
+the selected checkpoint, at the end.
+"""
+
+import math
+import os
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from recattn import checkpoint as checkpoint_lib
+from recattn import config_check
+from recattn import data as data_lib
+from recattn import losses
+from recattn import models
+from recattn import reporting
+from recattn import sharding
+from recattn.data import batching
+from recattn.evaluation import Evaluator
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+def make_optimizer(opt_config, total_steps: int) -> optax.GradientTransformation:
+  """Adam/AdamW with warm-up, then constant / cosine / linear decay."""
+  lr, warmup = opt_config.lr, opt_config.warmup_steps
+  decay_steps = max(total_steps - warmup, 1)
+  if opt_config.schedule == "constant":
+    decay = optax.constant_schedule(lr)
+  elif opt_config.schedule == "cosine":
+    decay = optax.cosine_decay_schedule(lr, decay_steps)
+  else:
+    decay = optax.linear_schedule(lr, 0.0, decay_steps)
+  schedule = (optax.join_schedules(
+      [optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+              if warmup else decay)
+  if opt_config.name == "adam":
+    opt = optax.adam(schedule, b1=opt_config.b1, b2=opt_config.b2)
+  else:
+    opt = optax.adamw(schedule, b1=opt_config.b1, b2=opt_config.b2,
+                      weight_decay=opt_config.weight_decay)
+  if opt_config.clip_norm:
+    return optax.chain(optax.clip_by_global_norm(opt_config.clip_norm), opt)
+  return opt
+
+
+def sampler_log_q(loss_config, item_counts: np.ndarray) -> jax.Array:
+  """`[V + 1]` log-probabilities of the training negative sampler."""
+  if loss_config.sampling == "popularity":
+    probs = item_counts.astype(np.float64)
+  else:
+    probs = np.ones_like(item_counts, np.float64)
+  probs[0] = 0.0
+  with np.errstate(divide="ignore"):
+    return jnp.asarray(np.log(probs / probs.sum()), jnp.float32)
+
+
+def make_train_step(graphdef, tx, loss_config, log_q):
+  """Returns `train_step(state, batch, rng) -> (state, loss)`."""
+  loss_fn = losses.LOSSES[loss_config.name]
+
+  def train_step(state, batch, rng):
+    rng = jax.random.fold_in(rng, state["step"])
+    dropout_rng, negatives_rng = jax.random.split(rng)
+
+    def loss(params):
+      model = nnx.merge(graphdef, params)
+      h = model.encode(batch["inputs"], rngs=nnx.Rngs(dropout=dropout_rng))
+      return loss_fn(model, h, batch["targets"], negatives_rng, loss_config,
+                     log_q)
+
+    value, grads = jax.value_and_grad(loss)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    return {"params": params, "opt_state": opt_state,
+            "step": state["step"] + 1}, value
+
+  return train_step
+
+
+def _num_params(params) -> int:
+  return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+  """Trains, selects on validation, tests the selected checkpoint.
+
+  Returns the flat dict also written to `<workdir>/final_metrics.json`.
+  """
+  config_check.validate(config)
+  t_start = time.time()
+  os.makedirs(workdir, exist_ok=True)
+  reporting.write_json(os.path.join(workdir, "config.json"),
+                       config.to_dict())
+  reporting.write_json(os.path.join(workdir, "env.json"),
+                       reporting.environment())
+
+  ds = data_lib.load(config.data)
+  reporting.write_json(os.path.join(workdir, "data_card.json"), ds.card)
+  logging.info("data: %s", ds.card)
+  inputs, targets = batching.train_arrays(ds, config.data.max_len)
+
+  mesh = sharding.make_mesh(config.mesh.data)
+  n_dev = mesh.shape["data"]
+  for field in ("batch_size", "eval.batch_size"):
+    size = config.batch_size if field == "batch_size" else (
+        config.eval.batch_size)
+    if size % n_dev:
+      raise config_check.ConfigError(
+          f"config.{field}={size} must be a multiple of the {n_dev} devices "
+          "on the data axis")
+  batch_sharding = sharding.batch_sharding(mesh)
+  replicated = sharding.replicated(mesh)
+
+  model = models.create(config.model, num_items=ds.num_items,
+                        max_len=config.data.max_len, seed=config.seed)
+  graphdef, params = nnx.split(model, nnx.Param)
+  steps_per_epoch = math.ceil(len(inputs) / config.batch_size)
+  total_steps = steps_per_epoch * config.num_epochs
+  tx = make_optimizer(config.optimizer, total_steps)
+  state = {"params": params, "opt_state": tx.init(params),
+           "step": jnp.zeros((), jnp.int32)}
+  state = jax.device_put(state, replicated)
+  log_q = sampler_log_q(config.loss, batching.item_counts(ds))
+  step_fn = jax.jit(make_train_step(graphdef, tx, config.loss, log_q),
+                    donate_argnums=0)
+  base_rng = jax.random.key(config.seed)
+
+  eval_kwargs = dict(
+      max_len=config.data.max_len, batch_size=config.eval.batch_size,
+      filter_seen=config.eval.filter_seen,
+      num_negatives=config.eval.num_negatives,
+      negatives=config.eval.negatives, seed=config.eval.seed,
+      sharding=batch_sharding)
+  valid_eval = Evaluator(ds, "valid", **eval_kwargs)
+
+  ckpts = checkpoint_lib.Checkpoints(workdir)
+  meta = {"epoch": 0, "best": -math.inf, "best_epoch": 0, "bad_evals": 0,
+          "train_seconds": 0.0, "epoch_seconds": []}
+  restored = ckpts.restore_latest(state)
+  if restored is not None:
+    state, meta = restored
+    state = jax.device_put(state, replicated)
+    logging.info("resumed from epoch %d (step %d)", meta["epoch"],
+                 int(state["step"]))
+  writer = reporting.MetricWriter(workdir, resume_step=int(state["step"]))
+  progress = reporting.Progress(total_steps, int(state["step"]),
+                                enabled=config.get("progress", True))
+  select = config.eval.select_metric
+
+  epoch = meta["epoch"]
+  try:
+    while epoch < config.num_epochs:
+      t0 = time.time()
+      epoch_losses = []
+      for rows in batching.epoch_batches(len(inputs), config.batch_size,
+                                         epoch, config.seed):
+        batch = {"inputs": batching.take_rows(inputs, rows),
+                 "targets": batching.take_rows(targets, rows)}
+        batch = jax.device_put(batch, batch_sharding)
+        state, loss = step_fn(state, batch, base_rng)
+        epoch_losses.append(loss)
+        progress.update(epoch * steps_per_epoch +
+                        len(epoch_losses), f"epoch {epoch + 1}")
+      epoch_losses = np.asarray(jax.device_get(epoch_losses))
+      seconds = time.time() - t0
+      epoch += 1
+      step = epoch * steps_per_epoch
+      if not np.all(np.isfinite(epoch_losses)):
+        first = step - steps_per_epoch + int(
+            np.argmin(np.isfinite(epoch_losses)))
+        raise NonFiniteLossError(
+            f"non-finite training loss at step {first} (epoch {epoch}, steps "
+            f"{step - steps_per_epoch + 1}..{step}); try a lower "
+            f"config.optimizer.lr (now {config.optimizer.lr}) or "
+            "config.optimizer.clip_norm")
+      meta["epoch"] = epoch
+      meta["train_seconds"] += seconds
+      meta["epoch_seconds"] = meta["epoch_seconds"] + [seconds]
+      scalars = {"train/loss": float(epoch_losses.mean()),
+                 "train/epoch": epoch, "train/epoch_s": seconds}
+      stop = False
+      if epoch % config.eval.every_epochs == 0 or epoch == config.num_epochs:
+        scalars.update(valid_eval(graphdef, state["params"]))
+        if scalars[select] > meta["best"]:
+          meta.update(best=scalars[select], best_epoch=epoch, bad_evals=0)
+          ckpts.save_best(step, state, meta)
+        else:
+          meta["bad_evals"] += 1
+          stop = 0 < config.eval.patience <= meta["bad_evals"]
+        progress.update(step, f"{select}={scalars[select]:.4f} "
+                        f"(best {meta['best']:.4f} @ {meta['best_epoch']})",
+                        force=True)
+      writer.write(step, scalars)
+      if stop or epoch % config.checkpoint.every_epochs == 0 or (
+          epoch == config.num_epochs):
+        ckpts.save_latest(step, state, meta)
+      if stop:
+        logging.info("early stop at epoch %d: %s did not improve for %d "
+                     "evaluations", epoch, select, meta["bad_evals"])
+        break
+    progress.close()
+
+    best_state, best_meta = ckpts.restore_best(state)
+    best_params = jax.device_put(best_state["params"], replicated)
+    test_eval = Evaluator(ds, "test", **eval_kwargs)
+    final = {}
+    final.update(valid_eval(graphdef, best_params))
+    final.update(test_eval(graphdef, best_params))
+    epoch_seconds = meta["epoch_seconds"]
+    final.update({
+        "train/epochs": meta["epoch"],
+        "train/best_epoch": best_meta["best_epoch"],
+        "train/steps": int(state["step"]),
+        "train/wall_s": time.time() - t_start,
+        "train/train_s": meta["train_seconds"],
+        # The first epoch includes compilation; the median is the steady
+        # state. Both are recorded.
+        "train/s_per_epoch": float(np.median(epoch_seconds)),
+        "train/first_epoch_s": epoch_seconds[0],
+        "train/num_params": _num_params(best_params),
+    })
+    writer.write(int(state["step"]), {k: v for k, v in final.items()
+                                      if k.startswith("test/")})
+    reporting.write_json(os.path.join(workdir, "final_metrics.json"), final)
+    logging.info("final: %s", {k: v for k, v in final.items()
+                               if k.endswith("@10") or k.startswith("train/")})
+    return final
+  finally:
+    writer.close()
+    ckpts.close()
