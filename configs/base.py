@@ -14,6 +14,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.name = "ml-1m-seq"
   c.data.max_len = 200  # items per window (most recent kept)
+  # Length bucketing of training batches: rows grouped by length within
+  # chunks of `bucket_chunk` batches (0 = plain shuffle), windows cut to a
+  # multiple of `bucket_step` items (0 = always max_len).
+  c.data.bucket_chunk = 16
+  c.data.bucket_step = 50
   c.data.manual_dir = ""  # raw files; "" = $RECATTN_MANUAL_DIR
   c.data.data_dir = ""  # prepared TFDS data; "" = $RECATTN_DATA_DIR or ~/.cache/recattn/tfds
   c.data.min_rating = 0.0  # keep ratings >= this (rated sources only)

@@ -109,6 +109,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   reporting.write_json(os.path.join(workdir, "data_card.json"), ds.card)
   logging.info("data: %s", ds.card)
   inputs, targets = batching.train_arrays(ds, config.data.max_len)
+  lengths = np.sum(targets > 0, axis=1)
 
   mesh = sharding.make_mesh(config.mesh.data)
   n_dev = mesh.shape["data"]
@@ -163,10 +164,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     while epoch < config.num_epochs:
       t0 = time.time()
       epoch_losses = []
-      for rows in batching.epoch_batches(len(inputs), config.batch_size,
-                                         epoch, config.seed):
-        batch = {"inputs": batching.take_rows(inputs, rows),
-                 "targets": batching.take_rows(targets, rows)}
+      for rows in batching.epoch_batches(lengths, config.batch_size, epoch,
+                                         config.seed, config.data.bucket_chunk):
+        width = batching.window_length(
+            lengths[rows[rows >= 0]], config.data.max_len,
+            config.data.bucket_step)
+        batch = {"inputs": batching.take_rows(inputs, rows)[:, -width:],
+                 "targets": batching.take_rows(targets, rows)[:, -width:]}
         batch = jax.device_put(batch, batch_sharding)
         state, loss = step_fn(state, batch, base_rng)
         epoch_losses.append(loss)

@@ -117,18 +117,41 @@ def sample_eval_negatives(ds: SequenceDataset, num: int, strategy: str,
   return out
 
 
-def epoch_batches(num_rows: int, batch_size: int, epoch: int,
-                  seed: int) -> Iterator[np.ndarray]:
+def epoch_batches(lengths: np.ndarray, batch_size: int, epoch: int,
+                  seed: int, chunk_batches: int = 0) -> Iterator[np.ndarray]:
   """Shuffled row indices for one epoch, `[batch_size]` each.
 
   The order depends only on (seed, epoch), so a resumed run replays exactly
   the batches an uninterrupted one would. The last batch is padded with -1
   (rows the caller turns into all-padding examples that carry no loss).
+
+  With `chunk_batches > 0` rows are grouped by length: the shuffled rows are
+  cut into chunks of `chunk_batches * batch_size`, each chunk is sorted by
+  `lengths`, and the batch order is shuffled again. Batches then hold rows of
+  similar length and can be cut to a shorter window (`window_length`), which
+  saves the compute spent on padding, as jagged kernels do on GPU.
   """
-  order = np.random.default_rng([seed, epoch]).permutation(num_rows)
-  pad = -num_rows % batch_size
-  order = np.concatenate([order, np.full(pad, -1, order.dtype)])
-  yield from order.reshape(-1, batch_size)
+  rng = np.random.default_rng([seed, epoch])
+  n = len(lengths)
+  order = rng.permutation(n)
+  if chunk_batches > 0:
+    chunk = np.arange(n) // (chunk_batches * batch_size)
+    order = order[np.lexsort((lengths[order], chunk))]
+  pad = -n % batch_size
+  batches = np.concatenate([order, np.full(pad, -1, order.dtype)]).reshape(
+      -1, batch_size)
+  if chunk_batches > 0:
+    batches = batches[rng.permutation(len(batches))]
+  yield from batches
+
+
+def window_length(lengths: np.ndarray, max_len: int, step: int) -> int:
+  """Window for a batch whose longest row has `max(lengths)` items: the next
+  multiple of `step` (a handful of compiled shapes), at most `max_len`."""
+  if step <= 0:
+    return max_len
+  longest = int(lengths.max()) if len(lengths) else 1
+  return min(max_len, max(step, -(-longest // step) * step))
 
 
 def take_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
