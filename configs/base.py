@@ -37,7 +37,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.dim = 50
   c.model.ffn_dim = 0  # 0 = dim
   c.model.dropout = 0.2
-  c.model.pre_ln = True
+  c.model.norm = "sasrec"  # sasrec | pre | post (LayerNorm placement)
   c.model.l2_norm = False  # unit-norm user states and item vectors
 
   c.loss = ml_collections.ConfigDict()

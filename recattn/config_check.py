@@ -2,6 +2,7 @@
 and its allowed values before any data is read or compiled."""
 
 from recattn import attention, losses, models
+from recattn.models import sasrec
 
 
 class ConfigError(ValueError):
@@ -51,6 +52,7 @@ def validate(config) -> None:
            f"{[h for h in range(1, config.model.dim + 1) if config.model.dim % h == 0]}")
   _choice(config, "model.name", models.REGISTRY)
   _choice(config, "model.attention", attention.REGISTRY)
+  _choice(config, "model.norm", sasrec.NORMS)
   _choice(config, "loss.name", losses.LOSSES)
   _choice(config, "loss.sampling", ("uniform", "popularity"))
   if config.loss.name != "softmax":

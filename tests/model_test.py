@@ -10,18 +10,18 @@ from recattn import attention
 from recattn import models
 
 
-def _model(attention_name="scaled_dot", pre_ln=True, dim=16, heads=2,
+def _model(attention_name="scaled_dot", norm="sasrec", dim=16, heads=2,
            blocks=2, num_items=40, max_len=10):
   cfg = ml_collections.ConfigDict(dict(
       name="sasrec", attention=attention_name, num_blocks=blocks,
-      num_heads=heads, dim=dim, ffn_dim=0, dropout=0.3, pre_ln=pre_ln,
+      num_heads=heads, dim=dim, ffn_dim=0, dropout=0.3, norm=norm,
       l2_norm=False))
   return models.create(cfg, num_items=num_items, max_len=max_len, seed=0)
 
 
-@pytest.mark.parametrize("pre_ln", [True, False])
-def test_causality_changing_a_later_item_never_changes_earlier_outputs(pre_ln):
-  model = _model(pre_ln=pre_ln)
+@pytest.mark.parametrize("norm", ["sasrec", "pre", "post"])
+def test_causality_changing_a_later_item_never_changes_earlier_outputs(norm):
+  model = _model(norm=norm)
   items = jnp.array([[0, 0, 3, 5, 7, 9, 11, 2, 4, 6]])
   h = model.encode(items)
   for t in range(2, 9):

@@ -82,13 +82,21 @@ def sample_eval_negatives(ds: SequenceDataset, num: int, strategy: str,
   if strategy == "uniform":
     probs = None
   elif strategy == "popularity":
-    counts = item_counts(ds).astype(np.float64)[1:]
+    # +1 smoothing: items absent from training stay possible candidates.
+    counts = item_counts(ds).astype(np.float64)[1:] + 1.0
     probs = counts / counts.sum()
   else:
     raise ValueError(f"eval negative sampling {strategy!r}; allowed: "
                      "'uniform', 'popularity'")
   user_of = np.repeat(np.arange(num_users), np.diff(ds.offsets))
   seen_keys = np.unique(user_of.astype(np.int64) * (num_items + 1) + ds.items)
+  distinct = np.bincount(seen_keys // (num_items + 1), minlength=num_users)
+  if np.any(num_items - distinct < num):
+    raise ValueError(
+        f"config.eval.num_negatives={num}: user "
+        f"{int(np.argmax(num_items - distinct < num))} has only "
+        f"{int(np.min(num_items - distinct))} items it never interacted with;"
+        " lower eval.num_negatives")
   out = np.zeros((num_users, num), np.int32)
   filled = np.zeros(num_users, np.int64)
   todo = np.arange(num_users)

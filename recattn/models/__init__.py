@@ -25,7 +25,7 @@ def create(model_config, *, num_items: int, max_len: int, seed: int):
       ffn_dim=model_config.get("ffn_dim", 0) or model_config.dim,
       dropout=model_config.dropout,
       attention=model_config.attention,
-      pre_ln=model_config.get("pre_ln", True),
+      norm=model_config.get("norm", "sasrec"),
       l2_norm=model_config.get("l2_norm", False),
       rngs=nnx.Rngs(params=seed),
   )
