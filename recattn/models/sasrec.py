@@ -15,6 +15,13 @@ from flax import nnx
 from recattn import attention
 
 
+def _dense(n_in: int, n_out: int, rngs) -> nnx.Linear:
+  # PyTorch's default Linear init (uniform, bound 1/sqrt(fan_in)), as in the
+  # reference SASRec implementations; flax's lecun_normal is sqrt(3) larger.
+  init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+  return nnx.Linear(n_in, n_out, kernel_init=init, rngs=rngs)
+
+
 class MultiHeadAttention(nnx.Module):
   """Projections around one registered attention variant."""
 
@@ -22,8 +29,8 @@ class MultiHeadAttention(nnx.Module):
     self.num_heads = num_heads
     self.head_dim = dim // num_heads
     self.attend = attention.get(variant)
-    self.qkv = nnx.Linear(dim, 3 * dim, rngs=rngs)
-    self.out = nnx.Linear(dim, dim, rngs=rngs)
+    self.qkv = _dense(dim, 3 * dim, rngs)
+    self.out = _dense(dim, dim, rngs)
 
   def __call__(self, x, mask: attention.Mask, *, return_weights=False):
     b, l, _ = x.shape
@@ -55,8 +62,8 @@ class Block(nnx.Module):
     self.attn = MultiHeadAttention(dim, num_heads, variant, rngs=rngs)
     self.ln_attn = nnx.LayerNorm(dim, epsilon=1e-8, rngs=rngs)
     self.ln_ffn = nnx.LayerNorm(dim, epsilon=1e-8, rngs=rngs)
-    self.ffn_in = nnx.Linear(dim, ffn_dim, rngs=rngs)
-    self.ffn_out = nnx.Linear(ffn_dim, dim, rngs=rngs)
+    self.ffn_in = _dense(dim, ffn_dim, rngs)
+    self.ffn_out = _dense(ffn_dim, dim, rngs)
     self.dropout = nnx.Dropout(dropout)
 
   def _drop(self, x, rngs):
