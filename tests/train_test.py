@@ -1,0 +1,156 @@
+"""Trainer: sharded == single device, resume == straight run, entry point,
+clear errors for impossible configs and non-finite losses."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import test as test_config
+from recattn import config_check
+from recattn import losses
+from recattn import models
+from recattn import sharding
+from recattn import train
+from recattn.data import batching
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(tmp_path, **overrides):
+  c = test_config.get_config()
+  with c.unlocked():
+    c.data.data_dir = str(tmp_path / "tfds")
+    c.mesh.data = 1
+    for key, value in overrides.items():
+      section, field = key.split("__") if "__" in key else (None, key)
+      (c[section] if section else c)[field] = value
+  return c
+
+
+def _step_once(num_devices):
+  c = test_config.get_config()
+  num_items, max_len, batch = 30, 8, 16
+  model = models.create(c.model, num_items=num_items, max_len=max_len,
+                        seed=0)
+  graphdef, params = nnx.split(model, nnx.Param)
+  tx = train.make_optimizer(c.optimizer, 10)
+  mesh = sharding.make_mesh(num_devices)
+  state = jax.device_put(
+      {"params": params, "opt_state": tx.init(params),
+       "step": jnp.zeros((), jnp.int32)}, sharding.replicated(mesh))
+  rng = np.random.default_rng(0)
+  targets = rng.integers(0, num_items + 1, (batch, max_len)).astype(np.int32)
+  inputs = rng.integers(0, num_items + 1, (batch, max_len)).astype(np.int32)
+  data = jax.device_put({"inputs": inputs, "targets": targets},
+                        sharding.batch_sharding(mesh))
+  log_q = train.sampler_log_q(c.loss, np.ones(num_items + 1))
+  step = jax.jit(train.make_train_step(graphdef, tx, c.loss, log_q))
+  state, loss = step(state, data, jax.random.key(0))
+  state, loss = step(state, data, jax.random.key(0))
+  return jax.device_get(state["params"]), float(loss)
+
+
+def test_sharded_step_on_8_devices_equals_single_device():
+  assert jax.device_count() == 8, "conftest fakes 8 CPU devices"
+  p1, l1 = _step_once(1)
+  p8, l8 = _step_once(8)
+  np.testing.assert_allclose(l8, l1, rtol=1e-5)
+  # Adam divides by sqrt(v): for near-zero gradients, reduction-order noise
+  # moves a parameter by a fraction of one lr (1e-3) step. 1e-4 is 10% of a
+  # step; a real sharding bug moves parameters by whole steps.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4),
+               p8, p1)
+
+
+def _quality(final):
+  return {k: v for k, v in final.items() if not k.startswith("train/")
+          or k in ("train/epochs", "train/steps", "train/best_epoch")}
+
+
+def test_killed_and_resumed_run_ends_where_a_straight_run_does(
+    tmp_path, monkeypatch):
+  straight = train.train_and_evaluate(_config(tmp_path),
+                                      str(tmp_path / "straight"))
+  real = batching.epoch_batches
+
+  def dies_in_epoch_3(lengths, batch_size, epoch, seed, chunk):
+    if epoch == 2:
+      raise KeyboardInterrupt("simulated kill")
+    return real(lengths, batch_size, epoch, seed, chunk)
+
+  monkeypatch.setattr(batching, "epoch_batches", dies_in_epoch_3)
+  workdir = str(tmp_path / "resumed")
+  with pytest.raises(KeyboardInterrupt):
+    train.train_and_evaluate(_config(tmp_path), workdir)
+  assert not os.path.exists(os.path.join(workdir, "final_metrics.json"))
+  monkeypatch.setattr(batching, "epoch_batches", real)
+  resumed = train.train_and_evaluate(_config(tmp_path), workdir)
+  assert _quality(resumed) == _quality(straight)
+  steps = [json.loads(l)["step"] for l in open(
+      os.path.join(workdir, "metrics.jsonl"))]
+  assert steps == sorted(steps) and len(steps) == len(set(steps)) + 1, steps
+
+
+def test_entry_point_end_to_end(tmp_path):
+  workdir = tmp_path / "run"
+  env = dict(os.environ, RECATTN_DATA_DIR=str(tmp_path / "tfds"))
+  proc = subprocess.run(
+      [sys.executable, "-m", "recattn.main", "--config=configs/test.py",
+       f"--workdir={workdir}", "--config.num_epochs=2",
+       "--config.mesh.data=1"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for name in ("config.json", "env.json", "metrics.jsonl",
+               "final_metrics.json", "data_card.json"):
+    assert (workdir / name).exists(), name
+  final = json.loads((workdir / "final_metrics.json").read_text())
+  for key in ("valid/full/ndcg@10", "test/full/ndcg@10", "test/full/hr@10",
+              "test/sampled_uniform20/ndcg@10", "test/full/mrr",
+              "train/wall_s", "train/epochs", "train/s_per_epoch"):
+    assert isinstance(final[key], (int, float)), key
+  assert final["train/epochs"] == 2
+  env_json = json.loads((workdir / "env.json").read_text())
+  assert env_json["device_count"] >= 1 and env_json["packages"]["jax"]
+  assert (workdir / "ckpt" / "best").is_dir()
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("data.max_len", 0, "config.data.max_len=0: must be a number > 0"),
+    ("model.attention", "nope", "config.model.attention='nope': allowed"),
+    ("model.num_heads", 3, "config.model.num_heads=3 must divide"),
+    ("loss.name", "hinge", "config.loss.name='hinge': allowed values are"),
+    ("eval.select_metric", "test/full/ndcg@10", "selection must use"),
+])
+def test_impossible_configs_name_the_field(field, value, message):
+  c = test_config.get_config()
+  section, name = field.split(".")
+  with c.unlocked():
+    c[section][name] = value
+  with pytest.raises(config_check.ConfigError, match=message.replace(
+      "(", r"\(").replace("[", r"\[")):
+    config_check.validate(c)
+
+
+def test_entry_point_prints_one_line_for_a_bad_config(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "recattn.main", "--config=configs/test.py",
+       f"--workdir={tmp_path}", "--config.model.num_heads=3"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: config.model.num_heads=3"), proc.stderr
+
+
+def test_non_finite_loss_stops_with_the_step_range(tmp_path, monkeypatch):
+  monkeypatch.setitem(losses.LOSSES, "sampled_softmax",
+                      lambda *a: jnp.float32(jnp.nan))
+  with pytest.raises(train.NonFiniteLossError, match="non-finite training "
+                     "loss at step 0 .epoch 1, steps 1..7"):
+    train.train_and_evaluate(_config(tmp_path), str(tmp_path / "nan"))
