@@ -30,7 +30,9 @@ def get_config(arg: str | None = None):
   c.batch_size = 128
   c.optimizer.lr = 1e-3
   c.eval.every_epochs = 5
-  c.eval.filter_seen = False
+  # generative-recommenders ranks all items except the user's history
+  # (its eval's filter_invalid_ids=True); ML-1M has no repeat interactions.
+  c.eval.filter_seen = True
   if not arg:
     c.num_epochs = 101
     c.model.l2_norm = True
