@@ -13,7 +13,11 @@ dropout 0.2, lr 1e-3, batch 128, 200 epochs.
   python -m recattn.main --config=configs/sasrec_ml1m.py:paper \
       --workdir=runs/sasrec_ml1m_paper
 
-Results: see README.md "Results" (filled from final_metrics.json).
+Result of the default (commit 3abcc44, 2-core CPU, jax 0.10.2, 2026-11-27;
+records in experiments/001_sasrec_ml1m/runs/sasrec_ml1m): selected on
+validation at epoch 80, test full ranking (seen items filtered) HR@10 0.2680,
+NDCG@10 0.1482; test sampled_uniform100 NDCG@10 0.6020; 18.1 s per epoch,
+33.5 min in all.
 """
 
 from configs import base

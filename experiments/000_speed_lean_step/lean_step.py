@@ -94,9 +94,11 @@ def make_step(tx, *, loss, num_negatives, temperature, l2_norm, rate,
       neg = jnp.sum(h * norm(emb[negs]), -1) / temperature
       per = -jax.nn.log_sigmoid(pos) - jax.nn.log_sigmoid(-neg)
     else:
-      negs = jax.random.randint(k_neg, (num_negatives,), 1, num_items + 1)
-      neg = h @ norm(emb[negs]).T / temperature
-      neg = jnp.where(targets[..., None] == negs, -jnp.inf, neg)
+      # Negatives per sequence, shared by its positions (as recattn).
+      negs = jax.random.randint(k_neg, (inputs.shape[0], num_negatives), 1,
+                                num_items + 1)
+      neg = jnp.einsum("bld,bnd->bln", h, norm(emb[negs])) / temperature
+      neg = jnp.where(targets[..., None] == negs[:, None, :], -jnp.inf, neg)
       per = jax.nn.logsumexp(
           jnp.concatenate([pos[..., None], neg], -1), -1) - pos
     return jnp.sum(jnp.where(valid, per, 0.0)) / jnp.maximum(valid.sum(), 1)
