@@ -113,9 +113,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
 
   mesh = sharding.make_mesh(config.mesh.data)
   n_dev = mesh.shape["data"]
-  for field in ("batch_size", "eval.batch_size"):
-    size = config.batch_size if field == "batch_size" else (
-        config.eval.batch_size)
+  for field, size in (("batch_size", config.batch_size),
+                      ("eval.batch_size", config.eval.batch_size)):
     if size % n_dev:
       raise config_check.ConfigError(
           f"config.{field}={size} must be a multiple of the {n_dev} devices "
