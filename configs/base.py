@@ -18,6 +18,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # chunks of `bucket_chunk` batches (0 = plain shuffle), windows cut to a
   # multiple of `bucket_step` items (0 = always max_len).
   c.data.bucket_chunk = 16
+  # last: each user's most recent max_len targets; all: every target, in
+  # non-overlapping windows over long histories.
+  c.data.train_windows = "last"
   c.data.bucket_step = 50
   c.data.manual_dir = ""  # raw files; "" = $RECATTN_MANUAL_DIR
   c.data.data_dir = ""  # prepared TFDS data; "" = $RECATTN_DATA_DIR or ~/.cache/recattn/tfds

@@ -53,6 +53,7 @@ def validate(config) -> None:
   _choice(config, "model.name", models.REGISTRY)
   _choice(config, "model.attention", attention.REGISTRY)
   _choice(config, "model.norm", sasrec.NORMS)
+  _choice(config, "data.train_windows", ("last", "all"))
   _choice(config, "loss.name", losses.LOSSES)
   _choice(config, "loss.sampling", ("uniform", "popularity"))
   if config.loss.name != "softmax":

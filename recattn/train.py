@@ -108,7 +108,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   ds = data_lib.load(config.data)
   reporting.write_json(os.path.join(workdir, "data_card.json"), ds.card)
   logging.info("data: %s", ds.card)
-  inputs, targets = batching.train_arrays(ds, config.data.max_len)
+  inputs, targets = batching.train_arrays(ds, config.data.max_len,
+                                          config.data.train_windows)
   lengths = np.sum(targets > 0, axis=1)
 
   mesh = sharding.make_mesh(config.mesh.data)

@@ -22,6 +22,15 @@ def test_train_windows_predict_next_item_and_hold_out_the_last_two():
   np.testing.assert_array_equal(targets, [[0, 0, 2, 3], [0, 9, 3, 1]])
 
 
+def test_all_windows_use_every_training_target_once():
+  inputs, targets = batching.train_arrays(_ds(), max_len=2, windows="all")
+  # user 0's train part 1 2 3: one window; user 2's 2 9 3 1: two.
+  np.testing.assert_array_equal(inputs, [[1, 2], [9, 3], [0, 2]])
+  np.testing.assert_array_equal(targets, [[2, 3], [3, 1], [0, 9]])
+  last_inputs, _ = batching.train_arrays(_ds(), max_len=2)
+  np.testing.assert_array_equal(last_inputs, [[1, 2], [9, 3]])
+
+
 def test_eval_windows():
   h, t, starts, ends = batching.eval_arrays(_ds(), "valid", max_len=3)
   np.testing.assert_array_equal(h, [[1, 2, 3], [0, 0, 6], [9, 3, 1]])

@@ -35,11 +35,28 @@ def _bounds(ds: SequenceDataset, split: str):
   return starts, ends
 
 
-def train_arrays(ds: SequenceDataset, max_len: int):
-  """Returns `inputs, targets: [U', L] int32` for users with >= 2 train items."""
+def train_arrays(ds: SequenceDataset, max_len: int, windows: str = "last"):
+  """Returns `inputs, targets: [R, L] int32`, one row per training window.
+
+  `windows="last"` keeps each user's most recent `max_len` targets (SASRec's
+  and generative-recommenders' practice: longer histories lose their
+  beginning); `"all"` also cuts the earlier part of long histories into
+  further non-overlapping windows, so every training target is used once per
+  epoch. Users with fewer than 2 training items have no target and no row.
+  """
   starts, ends = _bounds(ds, "train")
   keep = ends - starts >= 2
   starts, ends = starts[keep], ends[keep]
+  if windows == "all":
+    # ceil((n - 1) / L) windows per user, ending at end, end - L, ...
+    count = -(-(ends - starts - 1) // max_len)
+    user = np.repeat(np.arange(len(starts)), count)
+    first = np.repeat(np.cumsum(count) - count, count)
+    k = np.arange(len(user)) - first
+    starts, ends = starts[user], ends[user] - k * max_len
+  elif windows != "last":
+    raise ValueError(f"config.data.train_windows={windows!r}; allowed: "
+                     "'last', 'all'")
   inputs = _windows(ds.items, starts, ends - 1, max_len)
   targets = _windows(ds.items, starts + 1, ends, max_len)
   return inputs, targets
