@@ -35,6 +35,26 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = "sasrec"
   c.model.attention = "scaled_dot"  # see recattn.attention.REGISTRY
+  # Options of the attention variants; each variant reads its own.
+  c.model.attn = ml_collections.ConfigDict()
+  c.model.attn.dropout = 0.0  # attention-weight dropout (softmax variants)
+  c.model.attn.temperature = 1.0  # scaled_dot: softmax(QK^T/(tau sqrt d))
+  c.model.attn.window = 50  # local: attend to the last `window` items
+  c.model.attn.linear_feature = "elu"  # linear: elu (elu+1) | l2 (LinRec)
+  c.model.attn.linear_chunk = 64  # linear: positions per prefix-sum chunk
+  c.model.attn.num_latents = 16  # low_rank: latent interests r
+  c.model.attn.low_rank_value_pool = False  # low_rank: own value pooling
+  c.model.attn.low_rank_chunk = 32  # low_rank: positions per chunk
+  c.model.attn.block_q = 128  # blockwise: query / key tile sizes
+  c.model.attn.block_k = 128
+  # hstu: scale of QK^T (None = 1/sqrt(d_qk)); key tile (None = no tiling)
+  c.model.attn.alpha = ml_collections.FieldReference(None, field_type=float)
+  c.model.attn.hstu_block_k = ml_collections.FieldReference(None,
+                                                            field_type=int)
+  c.model.attn.normalizer = "padded"  # hstu: divide by padded | true length
+  c.model.attn.hidden = 0  # additive: score MLP width; 0 = head size
+  c.model.attn.din_hidden = (80, 40)  # din: activation-unit MLP widths
+  c.model.attn.din_normalize = True  # din: softmax (False: DIN's raw sum)
   c.model.num_blocks = 2
   c.model.num_heads = 1
   c.model.dim = 50
@@ -42,11 +62,18 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.dropout = 0.2
   c.model.norm = "sasrec"  # sasrec | pre | post (LayerNorm placement)
   c.model.l2_norm = False  # unit-norm user states and item vectors
+  c.model.rel_bias = "none"  # none | position (T5 buckets) | alibi
+  c.model.qk_dim = 0  # hstu: per-head size of Q, K; 0 = dim / heads
+  c.model.v_dim = 0  # hstu: per-head size of U, V; 0 = dim / heads
+  c.model.kv_raw = False  # sasrec norm: keys/values from the un-normed input
+  c.model.pos_init = 0.02  # std of the position-embedding init
+  c.model.final_norm = True  # LayerNorm on the last block's output
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "sampled_softmax"  # bce | softmax | sampled_softmax
   c.loss.num_negatives = 128
   c.loss.sampling = "uniform"  # uniform | popularity
+  c.loss.negatives_group = 0  # positions sharing negatives; 0 = whole row
   c.loss.logq_correction = True
   c.loss.temperature = 1.0  # logits = <h, e> / temperature
 

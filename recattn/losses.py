@@ -91,25 +91,32 @@ def softmax(model, h, targets, rng, config, log_q):
 
 
 def sampled_softmax(model, h, targets, rng, config, log_q):
-  """Sampled softmax with `num_negatives` negatives per sequence (row).
+  """Sampled softmax with `num_negatives` negatives per group of positions.
 
-  Each row's positions share that row's negatives: the logits cost the same
-  as negatives shared by the whole batch, but every step pushes down
-  B * N sampled items instead of N, which on ML-1M is the difference between
-  learning item embeddings in a few epochs and in a hundred.
+  `config.negatives_group` consecutive positions of a row share one set of
+  negatives (0 = the whole row; 1 = fresh negatives at every position, as in
+  generative-recommenders). Every position scores `num_negatives` items
+  whatever the grouping, so the logits cost the same; smaller groups only
+  gather more embeddings and push down more distinct items per step.
   """
-  negs = sample_negatives(rng, (targets.shape[0], config.num_negatives),
-                          log_q, config.sampling)  # [B, N]
+  b, l = targets.shape
+  group = config.get("negatives_group", 0) or l
+  g = -(-l // group)  # groups per row
+  pad = g * group - l
+  negs = sample_negatives(rng, (b, g, config.num_negatives), log_q,
+                          config.sampling)  # [B, G, N]
   pos = jnp.sum(h * model.item_vectors(targets), -1) / config.temperature
-  neg = jnp.einsum("bld,bnd->bln", h, model.item_vectors(negs))
-  neg = neg / config.temperature
-  hits = targets[..., None] == negs[:, None, :]  # [B, L, N]
+  hg = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(b, g, group, -1)
+  neg = jnp.einsum("bgcd,bgnd->bgcn", hg, model.item_vectors(negs))
+  neg = neg.reshape(b, g * group, -1)[:, :l] / config.temperature
+  negs_at = jnp.repeat(negs, group, axis=1)[:, :l]  # [B, L, N]
+  hits = targets[..., None] == negs_at
   pos_log_q = neg_log_q = None
   if config.logq_correction:
     # Padding targets (id 0, log q = -inf) must stay finite: their loss is
     # masked, but an inf would still turn the gradient into NaN.
     pos_log_q = jnp.where(targets > 0, log_q[targets], 0.0)
-    neg_log_q = log_q[negs][:, None, :]
+    neg_log_q = log_q[negs_at]
   return sampled_softmax_from_logits(pos, neg, hits, targets, pos_log_q,
                                      neg_log_q)
 

@@ -1,25 +1,48 @@
-"""Scaled dot-product attention: softmax(Q K^T / (tau sqrt(d_k))) V.
+"""Softmax attention: `dot` (unscaled) and `scaled_dot`.
 
-Vaswani et al., "Attention Is All You Need", NeurIPS 2017.
-Time O(B H Lq Lk d_k); memory O(B H Lq Lk) for the score matrix.
+  scaled_dot: softmax(Q K^T / (tau sqrt(d_k)) + bias) V
+              (Vaswani et al., "Attention Is All You Need", NeurIPS 2017);
+  dot:        softmax(Q K^T + bias) V (Luong et al., "Effective Approaches to
+              Attention-based Neural Machine Translation", EMNLP 2015).
 
-The fast path is `jax.nn.dot_product_attention`, which picks cuDNN's fused
-kernel on GPU when dtype (fp16/bf16) and head size allow it and XLA
-otherwise. When attention weights are requested the explicit reference path
-runs instead, because the fused kernels never materialise them.
+Time O(B H Lq Lk d_k); memory O(B H Lq Lk) for the score matrix (see
+`blockwise` for the O(L)-memory form of the same function).
+
+Kernel choice happens here, in one place:
+* GPU: `jax.nn.dot_product_attention` with cuDNN's fused kernel when dtype
+  (fp16/bf16), head size (<= 128, multiple of 8), mask and options allow it;
+  otherwise XLA, with a one-time log line that says why.
+* CPU/TPU, attention weights or attention-weight dropout: the explicit
+  `reference` (einsums in `[B, H, L, D]` layout: on XLA:CPU about 10%
+  faster than `jax.nn.dot_product_attention`'s XLA path at SASRec shapes;
+  the fused kernels never materialise weights).
 """
 
 import math
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 
+from recattn.attention import biases
+from recattn.attention import weights as weights_lib
 from recattn.attention.masks import Mask
 
+_warned: set[str] = set()
 
-def reference(q, k, v, mask: Mask, bias=None, *, scale: float):
-  """Readable reference implementation; returns (out, weights)."""
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
+
+def reference(q, k, v, mask: Mask, bias=None, *, scale: float,
+              dropout_rate: float = 0.0, dropout_rng=None):
+  """Readable reference implementation; returns (out, weights).
+
+  Computed in `[B, H, L, D]` layout, which XLA:CPU runs faster than
+  `[B, L, H, D]`; unused weights are dropped by the compiler.
+  """
+  qh = jnp.swapaxes(q, 1, 2) * jnp.asarray(scale, q.dtype)
+  kh = jnp.swapaxes(k, 1, 2)
+  vh = jnp.swapaxes(v, 1, 2)
+  logits = jnp.einsum("bhqd,bhkd->bhqk", qh, kh)
+  bias = biases.dense(bias, q.shape[1], k.shape[1])
   if bias is not None:
     logits = logits + bias
   dense = mask.dense(q.shape[1], k.shape[1])
@@ -30,8 +53,61 @@ def reference(q, k, v, mask: Mask, bias=None, *, scale: float):
     # Queries with no visible key (left padding) get zeros, not a uniform
     # average over padding.
     weights = jnp.where(dense, weights, 0.0)
-  out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-  return out, weights
+  if dropout_rate:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+    weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+  out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(vh.dtype), vh)
+  return jnp.swapaxes(out, 1, 2), weights
+
+
+def cudnn_status(q: jax.Array, k: jax.Array, mask: Mask,
+                 bias) -> str | None:
+  """None when cuDNN's fused attention applies to these inputs, else why not."""
+  if jax.default_backend() != "gpu":
+    return f"backend is {jax.default_backend()}"
+  if q.dtype not in (jnp.bfloat16, jnp.float16):
+    return f"dtype {q.dtype} (cuDNN needs bf16 or fp16)"
+  d = q.shape[-1]
+  if d > 128 or d % 8:
+    return f"head size {d} (cuDNN needs <= 128 and a multiple of 8)"
+  if mask.num_targets is not None:
+    return "target-aware mask (needs a dense mask)"
+  if mask.causal and q.shape[1] != k.shape[1]:
+    return "causal with Lq != Lk (cuDNN aligns the mask top-left)"
+  if isinstance(bias, biases.Bias):
+    return "tiled bias"
+  return None
+
+
+def _note_fallback(reason: str) -> None:
+  if reason not in _warned:
+    _warned.add(reason)
+    logging.info("scaled_dot: XLA attention instead of cuDNN: %s", reason)
+
+
+def _attention(q, k, v, mask, bias, *, scale, return_weights, dropout_rate,
+               dropout_rng, name):
+  if return_weights:
+    weights_lib.check_fits(name, q.shape[0], q.shape[2], q.shape[1],
+                           k.shape[1])
+  if return_weights or dropout_rate or jax.default_backend() != "gpu":
+    out, weights = reference(q, k, v, mask, bias, scale=scale,
+                             dropout_rate=dropout_rate,
+                             dropout_rng=dropout_rng)
+    return out, (weights if return_weights else None)
+  reason = cudnn_status(q, k, mask, bias)
+  if reason is None:
+    key_valid = None
+    if mask.key_valid is not None:
+      key_valid = mask.key_valid[:, None, None, :]
+    window = None if mask.window is None else (mask.window - 1, 0)
+    out = jax.nn.dot_product_attention(
+        q, k, v, bias=bias, mask=key_valid, scale=scale,
+        is_causal=mask.causal, local_window_size=window,
+        implementation="cudnn")
+    return out, None
+  _note_fallback(reason)
+  return reference(q, k, v, mask, bias, scale=scale)[0], None
 
 
 def scaled_dot(
@@ -39,25 +115,27 @@ def scaled_dot(
     k: jax.Array,  # [B, Lk, H, Dh]
     v: jax.Array,  # [B, Lk, H, Dh]
     mask: Mask,
-    bias: jax.Array | None = None,  # [B|1, H|1, Lq, Lk]
+    bias=None,  # [B|1, H|1, Lq, Lk] array or biases.Bias
     *,
     temperature: float = 1.0,
     return_weights: bool = False,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
-  """Scaled dot-product attention; see the module docstring."""
+  """softmax(Q K^T / (temperature sqrt(d_k)) + bias) V; see module docstring.
+
+  `dropout_rate` > 0 (with `dropout_rng`) drops attention weights, as
+  PyTorch's MultiheadAttention(dropout=...) used by SASRec implementations.
+  """
   scale = 1.0 / (temperature * math.sqrt(q.shape[-1]))
-  if return_weights:
-    return reference(q, k, v, mask, bias, scale=scale)
-  dense_mask = None
-  if mask.key_valid is not None:
-    dense_mask = mask.key_valid[:, None, None, :]
-  out = jax.nn.dot_product_attention(
-      q,
-      k,
-      v,
-      bias=bias,
-      mask=dense_mask,
-      scale=scale,
-      is_causal=mask.causal,
-  )
-  return out, None
+  return _attention(q, k, v, mask, bias, scale=scale,
+                    return_weights=return_weights, dropout_rate=dropout_rate,
+                    dropout_rng=dropout_rng, name="scaled_dot")
+
+
+def dot(q, k, v, mask: Mask, bias=None, *, return_weights: bool = False,
+        dropout_rate: float = 0.0, dropout_rng=None):
+  """softmax(Q K^T + bias) V: `scaled_dot` without the 1/sqrt(d_k) scale."""
+  return _attention(q, k, v, mask, bias, scale=1.0,
+                    return_weights=return_weights, dropout_rate=dropout_rate,
+                    dropout_rng=dropout_rng, name="dot")

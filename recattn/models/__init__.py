@@ -1,11 +1,17 @@
-"""Model registry: config name -> NNX module class."""
+"""Model registry: config name -> NNX module class.
+
+Each class builds itself from the `config.model` fields it knows through
+`from_config(model_config, *, num_items, max_len, rngs)`.
+"""
 
 from flax import nnx
 
+from recattn.models.hstu import HSTU
 from recattn.models.sasrec import SASRec
 
 REGISTRY = {
     "sasrec": SASRec,
+    "hstu": HSTU,
 }
 
 
@@ -16,16 +22,6 @@ def create(model_config, *, num_items: int, max_len: int, seed: int):
     raise ValueError(
         f"model.name={name!r} is not a known model; valid names: "
         f"{sorted(REGISTRY)}")
-  return REGISTRY[name](
-      num_items=num_items,
-      max_len=max_len,
-      dim=model_config.dim,
-      num_blocks=model_config.num_blocks,
-      num_heads=model_config.num_heads,
-      ffn_dim=model_config.get("ffn_dim", 0) or model_config.dim,
-      dropout=model_config.dropout,
-      attention=model_config.attention,
-      norm=model_config.get("norm", "sasrec"),
-      l2_norm=model_config.get("l2_norm", False),
-      rngs=nnx.Rngs(params=seed),
-  )
+  return REGISTRY[name].from_config(model_config, num_items=num_items,
+                                    max_len=max_len,
+                                    rngs=nnx.Rngs(params=seed))

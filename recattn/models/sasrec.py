@@ -6,13 +6,11 @@ position t is <h_t, e_j> (divided by a temperature and optionally on the unit
 sphere, as in generative-recommenders' SASRec baseline).
 """
 
-import math
-
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from recattn import attention
+from recattn.models import base
 
 
 def _dense(n_in: int, n_out: int, rngs) -> nnx.Linear:
@@ -23,20 +21,38 @@ def _dense(n_in: int, n_out: int, rngs) -> nnx.Linear:
 
 
 class MultiHeadAttention(nnx.Module):
-  """Projections around one registered attention variant."""
+  """Projections and heads around any registered attention variant."""
 
-  def __init__(self, dim: int, num_heads: int, variant: str, *, rngs):
+  def __init__(self, dim: int, num_heads: int, variant: str, attn_config=None,
+               *, rngs):
     self.num_heads = num_heads
     self.head_dim = dim // num_heads
-    self.attend = attention.get(variant)
+    attn_config = dict(attn_config or {})
+    self.dropout_rate = attn_config.get("dropout", 0.0)
+    self.takes_dropout = attention.get(variant).dropout
+    self.core = attention.layer(variant, num_heads, self.head_dim, attn_config,
+                                rngs=rngs)
     self.qkv = _dense(dim, 3 * dim, rngs)
     self.out = _dense(dim, dim, rngs)
 
-  def __call__(self, x, mask: attention.Mask, *, return_weights=False):
-    b, l, _ = x.shape
-    qkv = self.qkv(x).reshape(b, l, 3, self.num_heads, self.head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, L, H, Dh]
-    y, weights = self.attend(q, k, v, mask, return_weights=return_weights)
+  def __call__(self, x, mask: attention.Mask, bias=None, *, kv=None,
+               return_weights=False, rngs=None):
+    """Attends from `x` to `kv` (default: `x` itself)."""
+    b, l, d = x.shape
+    if kv is None:
+      qkv = self.qkv(x).reshape(b, l, 3, self.num_heads, self.head_dim)
+      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, L, H, Dh]
+    else:
+      w, w_b = self.qkv.kernel[...], self.qkv.bias[...]
+      q = (x @ w[:, :d] + w_b[:d]).reshape(b, l, self.num_heads, -1)
+      kv = (kv @ w[:, d:] + w_b[d:]).reshape(b, kv.shape[1], 2,
+                                             self.num_heads, -1)
+      k, v = kv[:, :, 0], kv[:, :, 1]
+    kwargs = {}
+    if self.takes_dropout and self.dropout_rate and rngs is not None:
+      kwargs = dict(dropout_rate=self.dropout_rate, dropout_rng=rngs.dropout())
+    y, weights = self.core(q, k, v, mask, bias, return_weights=return_weights,
+                           **kwargs)
     return self.out(y.reshape(b, l, -1)), weights
 
 
@@ -57,9 +73,11 @@ class Block(nnx.Module):
   """
 
   def __init__(self, dim, num_heads, ffn_dim, dropout, variant, norm, *,
-               rngs):
+               rngs, kv_raw=False, attn_config=None):
     self.norm = norm
-    self.attn = MultiHeadAttention(dim, num_heads, variant, rngs=rngs)
+    self.kv_raw = kv_raw
+    self.attn = MultiHeadAttention(dim, num_heads, variant, attn_config,
+                                   rngs=rngs)
     self.ln_attn = nnx.LayerNorm(dim, epsilon=1e-8, rngs=rngs)
     self.ln_ffn = nnx.LayerNorm(dim, epsilon=1e-8, rngs=rngs)
     self.ffn_in = _dense(dim, ffn_dim, rngs)
@@ -73,24 +91,27 @@ class Block(nnx.Module):
     h = self._drop(jax.nn.relu(self.ffn_in(x)), rngs)
     return self._drop(self.ffn_out(h), rngs)
 
-  def __call__(self, x, mask, *, rngs, return_weights=False):
+  def __call__(self, x, mask, bias=None, *, rngs, return_weights=False):
     if self.norm == "sasrec":
       h = self.ln_attn(x)
-      a, w = self.attn(h, mask, return_weights=return_weights)
+      a, w = self.attn(h, mask, bias, kv=x if self.kv_raw else None,
+                       return_weights=return_weights, rngs=rngs)
       h = self.ln_ffn(h + self._drop(a, rngs))
       x = h + self._ffn(h, rngs)
     elif self.norm == "pre":
-      a, w = self.attn(self.ln_attn(x), mask, return_weights=return_weights)
+      a, w = self.attn(self.ln_attn(x), mask, bias,
+                       return_weights=return_weights, rngs=rngs)
       x = x + self._drop(a, rngs)
       x = x + self._ffn(self.ln_ffn(x), rngs)
     else:
-      a, w = self.attn(x, mask, return_weights=return_weights)
+      a, w = self.attn(x, mask, bias, return_weights=return_weights,
+                       rngs=rngs)
       x = self.ln_attn(x + self._drop(a, rngs))
       x = self.ln_ffn(x + self._ffn(x, rngs))
     return x, w
 
 
-class SASRec(nnx.Module):
+class SASRec(base.SequenceRecommender):
   """SASRec-style recommender; `encode` gives `[B, L, D]` user states."""
 
   def __init__(
@@ -106,56 +127,34 @@ class SASRec(nnx.Module):
       attention: str = "scaled_dot",
       norm: str = "sasrec",
       l2_norm: bool = False,
+      kv_raw: bool = False,
+      attn_config=None,
+      pos_init: float = 0.02,
+      final_norm: bool = True,
+      rel_bias: str = "none",
       rngs: nnx.Rngs,
   ):
-    self.dim = dim
-    self.l2_norm = l2_norm
-    # Row 0 is padding; it is masked out of every score and loss.
-    self.item_embedding = nnx.Embed(
-        num_items + 1, dim, embedding_init=nnx.initializers.normal(0.02),
-        rngs=rngs)
-    self.pos_embedding = nnx.Embed(
-        max_len, dim, embedding_init=nnx.initializers.normal(0.02),
-        rngs=rngs)
+    super().__init__(num_items=num_items, max_len=max_len, dim=dim,
+                     dropout=dropout, l2_norm=l2_norm, pos_init=pos_init,
+                     num_heads=num_heads, rel_bias=rel_bias, rngs=rngs)
     self.blocks = nnx.List([
-        Block(dim, num_heads, ffn_dim, dropout, attention, norm, rngs=rngs)
+        Block(dim, num_heads, ffn_dim, dropout, attention, norm, rngs=rngs,
+              kv_raw=kv_raw, attn_config=attn_config)
         for _ in range(num_blocks)
     ])
+    self.final_norm = final_norm
     self.final_ln = nnx.LayerNorm(dim, epsilon=1e-8, rngs=rngs)
-    self.dropout = nnx.Dropout(dropout)
 
-  def _normalize(self, x):
-    if not self.l2_norm:
-      return x
-    return x * jax.lax.rsqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-12)
+  @classmethod
+  def from_config(cls, model_config, *, num_items, max_len, rngs):
+    get = model_config.get
+    return cls(num_items=num_items, max_len=max_len,
+               **cls.common_kwargs(model_config),
+               ffn_dim=get("ffn_dim", 0) or model_config.dim,
+               norm=get("norm", "sasrec"), kv_raw=get("kv_raw", False),
+               pos_init=get("pos_init", 0.02),
+               final_norm=get("final_norm", True), rngs=rngs)
 
-  def item_vectors(self, ids: jax.Array) -> jax.Array:
-    """Output-side item vectors `[..., D]` for item ids `[...]`."""
-    return self._normalize(self.item_embedding(ids))
-
-  def all_item_vectors(self) -> jax.Array:
-    """`[V + 1, D]`; row 0 (padding) must be masked by the caller."""
-    return self._normalize(self.item_embedding.embedding[...])
-
-  def encode(
-      self,
-      items: jax.Array,  # [B, L] int, left-padded with 0
-      *,
-      rngs: nnx.Rngs | None = None,
-      return_weights: bool = False,
-  ):
-    """Returns user states `[B, L, D]` (and per-block weights if asked)."""
-    valid = items > 0  # [B, L]
-    x = self.item_embedding(items) * math.sqrt(self.dim)
-    x = x + self.pos_embedding.embedding[...][None, -items.shape[1]:]
-    x = self.dropout(x, rngs=rngs, deterministic=rngs is None)
-    keep = valid[..., None].astype(x.dtype)
-    x = x * keep
-    mask = attention.Mask(causal=True, key_valid=valid)
-    weights = []
-    for block in self.blocks:
-      x, w = block(x, mask, rngs=rngs, return_weights=return_weights)
-      x = x * keep
-      weights.append(w)
-    h = self._normalize(self.final_ln(x))
-    return (h, weights) if return_weights else h
+  def output(self, x):
+    """The final LayerNorm (when `final_norm`), then the optional unit norm."""
+    return self._normalize(self.final_ln(x) if self.final_norm else x)

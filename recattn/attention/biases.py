@@ -1,0 +1,44 @@
+"""Additive attention biases that plug into every softmax-style variant.
+
+A variant's `bias` argument is either a dense array broadcastable to
+`[B, H, Lq, Lk]` or a `Bias`: an object that computes the bias for any tile of
+(query, key) positions. Tiled biases keep O(L)-memory variants (blockwise,
+local) at O(L) memory: they never build the `[Lq, Lk]` matrix.
+
+Positions passed to `tile` are key coordinates: a query's position is its
+index plus (Lk - Lq), as in `masks.Mask`.
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+class Bias:
+  """Base class: a bias evaluated tile by tile."""
+
+  def tile(self, q_pos: jax.Array, k_pos: jax.Array) -> jax.Array:
+    """Returns the bias `[B|1, H|1, Tq, Tk]` for positions `[Tq]`, `[Tk]`."""
+    raise NotImplementedError
+
+
+def tile(bias, q_pos: jax.Array, k_pos: jax.Array, k_len: int):
+  """The bias for one tile, from a `Bias`, a dense array or None.
+
+  A dense array is sliced (positions past `k_len` read the last key and must
+  be masked by the caller).
+  """
+  if bias is None:
+    return None
+  if isinstance(bias, Bias):
+    return bias.tile(q_pos, k_pos)
+  q_len = bias.shape[-2]
+  q_idx = jnp.clip(q_pos - (k_len - q_len), 0, q_len - 1)
+  k_idx = jnp.clip(k_pos, 0, bias.shape[-1] - 1)
+  return jnp.take(jnp.take(bias, q_idx, axis=-2), k_idx, axis=-1)
+
+
+def dense(bias, q_len: int, k_len: int):
+  """The whole `[B|1, H|1, Lq, Lk]` bias (for the quadratic variants)."""
+  if bias is None or not isinstance(bias, Bias):
+    return bias
+  return bias.tile(jnp.arange(q_len) + (k_len - q_len), jnp.arange(k_len))

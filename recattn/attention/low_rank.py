@@ -1,0 +1,330 @@
+"""Low-rank attention over r latent interests (LightSANs).
+
+Fan, Liu, Zhu, Wang, Chen, Guo, Yu, "Lighter and Better: Low-Rank Decomposed
+Self-Attention Networks for Next-Item Recommendation", SIGIR 2021.
+
+Item-to-interest aggregation pools the keys (and values) of the visible items
+into r latent interests; each query then attends over the r latents:
+
+  w_jm     = softmax_j (k_j . pool[h, :, m])      over visible keys j
+  K~_m     = sum_j w_jm k_j,   V~_m = sum_j w'_jm v_j
+  a_m      = softmax_m (q . K~_m / (tau sqrt(Dh)))
+  out      = sum_m a_m V~_m
+
+`w'` uses the same weights as `w` unless `value_pool` is given: LightSANs has
+separate aggregation parameters for keys and values, scored on the values
+themselves (w'_jm = softmax_j (v_j . value_pool[h, :, m])). The implied item
+weights are sum_m a_m w'_jm (`return_weights=True`).
+
+Differences from the paper's released code (RecBole's LightSANs): there the
+aggregation matrix acts on the whole hidden vector and is shared by all
+heads; here it is per head, `pool: [H, Dh, r]`. The released code normalises
+the query-to-latent scores with a softmax over the *queries* (dim=-2); we use
+the softmax over latents written in the paper. The decoupled position
+encoding of LightSANs is a separate term and not part of this function.
+
+Compare Linformer (Wang, Li, Khabsa, Fang, Ma, "Linformer: Self-Attention with
+Linear Complexity", arXiv 2020), which projects keys and values along the
+length axis with fixed learned [r, L] matrices: position-based, tied to a
+maximum length, and mixing all positions, so it has no causal form. LightSANs'
+pooling is content-based (a softmax over items), which is what makes the
+prefix form below possible.
+
+Bidirectional form (`mask.causal` False): one global pooling per sequence,
+time O(B H L r Dh), memory O(B H (L r + r Dh)). This is the paper's form: in
+next-item training it would let every position see the future.
+
+Causal form: query p pools only its visible prefix j <= p, so the latents
+differ per position. Materialising them would cost O(B H L r Dh); instead the
+sequence is cut into chunks of `chunk` items. Exp-weights are taken against
+the running max R_p of the visible scores (per latent, through position p),
+so every exponent is <= 0 and the top item contributes exactly 1: sums
+cannot underflow to zero whatever the score range. Sums over earlier chunks
+are carried by a `lax.scan` (rescaled as the max grows), and inside a chunk
+the prefix is a masked [chunk, chunk] tile per latent:
+
+  q_p . K~_m(p) = (q_p . P_m e^{P - R_p} + sum_{j<=p in chunk}
+                   e^{s_jm - R_pm} q_p . k_j) / Z_m(p)
+
+and similarly for the output, so the largest tensors are the per-latent
+[chunk, chunk] tiles:
+
+  time O(B H L chunk (Dh + r) + B H L r Dh),
+  memory O(B H (L chunk r + (L/chunk) r Dh)).
+
+Memory is linear in L; `chunk` trades the L chunk r tiles against the
+(L/chunk) r Dh carried sums (default 32). Computation is in float32 whatever
+the input dtype.
+
+Padding keys get zero pooling weight. An additive `bias`, `Mask.window` and
+`Mask.num_targets` are not supported (ValueError). Queries with no visible
+key output zeros.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from recattn.attention import weights as weights_lib
+from recattn.attention.linear import check_mask
+from recattn.attention.linear import square_up
+from recattn.attention.masks import Mask
+
+_LOW = float(jnp.finfo(jnp.float32).min)
+
+
+def _masked_softmax(logits, visible, axis):
+  """Softmax over `axis` of the visible entries; all-hidden rows give 0."""
+  logits = jnp.where(visible, logits, _LOW)
+  m = jax.lax.stop_gradient(logits.max(axis=axis, keepdims=True))
+  e = jnp.where(visible, jnp.exp(logits - m), 0.0)
+  z = e.sum(axis=axis, keepdims=True)
+  return e / jnp.where(z > 0, z, 1.0)
+
+
+def _scores(x, pool):
+  """Item-to-interest scores `[B, L, H, r]` in float32."""
+  return jnp.einsum("blhd,hdr->blhr", x.astype(jnp.float32),
+                    pool.astype(jnp.float32))
+
+
+def reference(q, k, v, mask: Mask, *, pool, value_pool=None, scale):
+  """Readable dense form, O(B H Lq Lk r) memory.
+
+  Returns:
+    `(out [B, Lq, H, Dh], weights [B, H, Lq, Lk])`.
+  """
+  lq, lk = q.shape[1], k.shape[1]
+  visible = mask.dense(lq, lk)
+  if visible is None:
+    visible = jnp.ones((1, 1, lq, lk), bool)
+  visible = visible[..., None]  # [B|1, 1, Lq, Lk, 1]
+
+  def item_weights(x, p):  # [B, H, Lq, Lk, r]: softmax over visible items
+    s = jnp.moveaxis(_scores(x, p), 1, 2)[:, :, None]  # [B, H, 1, Lk, r]
+    return _masked_softmax(s, visible, axis=3)
+
+  wk = item_weights(k, pool)
+  wv = wk if value_pool is None else item_weights(v, value_pool)
+  latent_k = jnp.einsum("bhqkr,bkhd->bhqrd", wk, k.astype(jnp.float32))
+  logits = jnp.einsum("bqhd,bhqrd->bhqr", q.astype(jnp.float32),
+                      latent_k) * scale
+  a = _masked_softmax(logits, visible.any(axis=3), axis=-1)  # [B, H, Lq, r]
+  w = jnp.einsum("bhqr,bhqkr->bhqk", a, wv)
+  out = jnp.einsum("bhqk,bkhd->bqhd", w, v.astype(jnp.float32))
+  return out.astype(q.dtype), w
+
+
+def _global(q, k, v, key_valid, pool, value_pool, scale):
+  """Bidirectional form: one pooling over all valid keys."""
+  valid = (jnp.ones(k.shape[:2], bool) if key_valid is None
+           else key_valid)[:, :, None, None]
+  wk = _masked_softmax(_scores(k, pool), valid, axis=1)  # [B, Lk, H, r]
+  wv = (wk if value_pool is None
+        else _masked_softmax(_scores(v, value_pool), valid, axis=1))
+  latent_k = jnp.einsum("bkhr,bkhd->bhrd", wk, k.astype(jnp.float32))
+  latent_v = jnp.einsum("bkhr,bkhd->bhrd", wv, v.astype(jnp.float32))
+  logits = jnp.einsum("bqhd,bhrd->bqhr", q.astype(jnp.float32),
+                      latent_k) * scale
+  any_valid = valid.any(axis=1, keepdims=True)  # [B, 1, 1, 1]
+  a = _masked_softmax(logits, any_valid, axis=-1)
+  return jnp.einsum("bqhr,bhrd->bqhd", a, latent_v)
+
+
+def _prefix_pool(s, valid, xs):
+  """Chunked prefix pooling, stabilised by the running max of the scores.
+
+  Args:
+    s: `[B, n, c, H, r]` scores.
+    valid: `[B, n, c]` bool.
+    xs: tensors `[B, n, c, H, D]` to pool (keys, and values when they share
+      the weights).
+
+  Returns:
+    `(pair, rescale, past_xs, past_z)` where, with R_i the running max of the
+    visible scores through position i and P_n that through chunk n - 1:
+    `pair [B, n, H, r, c, c]` = exp(s_j - R_i) for visible j <= i of the
+    chunk (else 0); `rescale [B, n, c, H, r]` = exp(P_n - R_i); `past_xs`
+    `[B, n, H, r, D]` and `past_z [B, n, H, r]` the sums of exp(s_j - P_n) x_j
+    and exp(s_j - P_n) over the chunks before n. Every exponent is <= 0, and
+    the item holding the max contributes exactly 1, so no sum underflows.
+  """
+  b, n, c = s.shape[:3]
+  valid5 = valid[..., None, None]
+  s = jnp.where(valid5, s, _LOW)
+  run = jax.lax.cummax(s.reshape(b, n * c, *s.shape[3:]), axis=1)
+  run = jax.lax.stop_gradient(run.reshape(s.shape))  # R_i
+  chunk_ref = run[:, :, -1]  # through chunk n
+  prev_ref = jnp.concatenate(
+      [jnp.full_like(chunk_ref[:, :1], _LOW), chunk_ref[:, :-1]], axis=1)
+
+  def safe_exp(x, ok):
+    return jnp.where(ok, jnp.exp(jnp.where(ok, x, 0.0)), 0.0)
+
+  e = safe_exp(s - chunk_ref[:, :, None], valid5)
+  sums = [jnp.einsum("bnchr,bnchd->bnhrd", e, x) for x in xs]
+  sums.append(e.sum(axis=2))
+  decay = jnp.exp(prev_ref - chunk_ref)  # P_n -> P_{n+1}, <= 1
+
+  def step(past, inputs):
+    chunk_sums, d = inputs
+    new = [p * (d[..., None] if p.ndim > d.ndim else d) + cs
+           for p, cs in zip(past, chunk_sums)]
+    return new, past
+
+  time_major = lambda x: jnp.moveaxis(x, 1, 0)
+  init = [jnp.zeros_like(x[:, 0]) for x in sums]
+  _, past = jax.lax.scan(step, init,
+                         ([time_major(x) for x in sums], time_major(decay)))
+  past = [jnp.moveaxis(p, 0, 1) for p in past]
+
+  rescale = jnp.exp(prev_ref[:, :, None] - run)
+  s_j = jnp.moveaxis(s, 2, -1)[..., None, :]  # [B, n, H, r, 1, c]
+  r_i = jnp.moveaxis(run, 2, -1)[..., :, None]  # [B, n, H, r, c, 1]
+  ok = jnp.logical_and(jnp.tril(jnp.ones((c, c), bool)),
+                       valid[:, :, None, None, None, :])
+  pair = safe_exp(s_j - r_i, ok)
+  return pair, rescale, past[:-1], past[-1]
+
+
+def _causal(q, k, v, key_valid, pool, value_pool, scale, chunk):
+  """Causal form, Lq == Lk; see the module docstring."""
+  b, l, h, dh = q.shape
+  c = min(chunk, l)
+  n = -(-l // c)
+  if key_valid is None:
+    key_valid = jnp.ones((b, l), bool)
+
+  def chunks(x):
+    x = jnp.pad(x, [(0, 0), (0, n * c - l)] + [(0, 0)] * (x.ndim - 2))
+    return x.reshape(b, n, c, *x.shape[2:])
+
+  qc, kc, vc = (chunks(x.astype(jnp.float32)) for x in (q, k, v))
+  valid = chunks(key_valid)
+
+  sk = chunks(_scores(k, pool))
+  if value_pool is None:
+    pair_k, resc_k, (pk, pv), pzk = _prefix_pool(sk, valid, [kc, vc])
+    pair_v, resc_v, pzv = pair_k, resc_k, pzk
+  else:
+    pair_k, resc_k, (pk,), pzk = _prefix_pool(sk, valid, [kc])
+    pair_v, resc_v, (pv,), pzv = _prefix_pool(
+        chunks(_scores(v, value_pool)), valid, [vc])
+
+  def normaliser(past_z, rescale, pair):  # Z_m(i): [B, n, c, H, r]
+    return past_z[:, :, None] * rescale + jnp.moveaxis(pair.sum(-1), -1, 2)
+
+  # Query-to-latent logits q_i . K~_m(i) from the prefix-pooled keys.
+  zk = normaliser(pzk, resc_k, pair_k)
+  qk = jnp.einsum("bnihd,bnjhd->bnhij", qc, kc)
+  num = (jnp.einsum("bnihd,bnhrd->bnihr", qc, pk) * resc_k
+         + jnp.einsum("bnhij,bnhrij->bnihr", qk, pair_k))
+  seen = zk > 0
+  a = _masked_softmax(num / jnp.where(seen, zk, 1.0) * scale, seen, axis=-1)
+
+  # out_i = sum_m a_m V~_m(i); g = a / Z'_m(i).
+  zv = normaliser(pzv, resc_v, pair_v)
+  g = jnp.where(zv > 0, a / jnp.where(zv > 0, zv, 1.0), 0.0)
+  item = jnp.einsum("bnihr,bnhrij->bnhij", g, pair_v)
+  out = (jnp.einsum("bnihr,bnhrd->bnihd", g * resc_v, pv)
+         + jnp.einsum("bnhij,bnjhd->bnihd", item, vc))
+  return out.reshape(b, n * c, h, dh)[:, :l]
+
+
+def low_rank(
+    q: jax.Array,  # [B, Lq, H, Dh]
+    k: jax.Array,  # [B, Lk, H, Dh]
+    v: jax.Array,  # [B, Lk, H, Dh]
+    mask: Mask,
+    bias=None,
+    *,
+    pool: jax.Array,  # [H, Dh, r]
+    value_pool: jax.Array | None = None,  # [H, Dh, r]
+    temperature: float = 1.0,
+    chunk: int = 32,
+    return_weights: bool = False,
+) -> tuple[jax.Array, jax.Array | None]:
+  """LightSANs low-rank attention; see the module docstring.
+
+  Args:
+    q: queries `[B, Lq, H, Dh]`.
+    k: keys `[B, Lk, H, Dh]`.
+    v: values `[B, Lk, H, Dh]`.
+    mask: `causal` and `key_valid` are honoured; `window` and `num_targets`
+      raise ValueError.
+    bias: must be None (ValueError otherwise).
+    pool: item-to-interest matrices `[H, Dh, r]` scored against keys.
+    value_pool: optional separate `[H, Dh, r]` matrices scored against
+      values (the paper's separate value aggregation); None shares the key
+      weights.
+    temperature: query-to-latent logits are divided by
+      `temperature * sqrt(Dh)`.
+    chunk: chunk length of the causal prefix pooling.
+    return_weights: also return the implied dense item weights
+      `[B, H, Lq, Lk]` (dense reference, O(Lq Lk r) memory).
+
+  Returns:
+    `(out [B, Lq, H, Dh], weights or None)`.
+  """
+  check_mask("low_rank", mask, bias)
+  b, lq, h, dh = q.shape
+  for name, p in (("pool", pool), ("value_pool", value_pool)):
+    if p is not None and (p.ndim != 3 or p.shape[:2] != (h, dh)):
+      raise ValueError(f"low_rank: {name} has shape {p.shape}; expected "
+                       f"[H={h}, Dh={dh}, r]")
+  if value_pool is not None and value_pool.shape != pool.shape:
+    raise ValueError(f"low_rank: value_pool {value_pool.shape} and pool "
+                     f"{pool.shape} must have the same shape")
+  if chunk < 1:
+    raise ValueError(f"low_rank: chunk={chunk!r} must be >= 1")
+  scale = 1.0 / (temperature * math.sqrt(dh))
+  if return_weights:
+    r = pool.shape[-1]
+    # The dense form holds r weights per (query, item) pair.
+    weights_lib.check_fits(f"low_rank (H x r={r} latents)", b, h * r, lq,
+                           k.shape[1])
+    return reference(q, k, v, mask, pool=pool, value_pool=value_pool,
+                     scale=scale)
+  if not mask.causal:
+    out = _global(q, k, v, mask.key_valid, pool, value_pool, scale)
+  else:
+    qs, k, v, key_valid = square_up(q, k, v, mask.key_valid)
+    out = _causal(qs, k, v, key_valid, pool, value_pool, scale,
+                  chunk)[:, -lq:]
+  return out.astype(q.dtype), None
+
+
+class LowRankPool(nnx.Module):
+  """Owns the item-to-interest matrices of `low_rank` and applies it.
+
+  Attributes:
+    pool: `nnx.Param [H, Dh, r]`, initialised normal(1 / sqrt(Dh)).
+    value_pool: same, or None when values share the key weights.
+  """
+
+  def __init__(self, num_heads: int, head_dim: int, num_latents: int = 16, *,
+               separate_value_pool: bool = False, temperature: float = 1.0,
+               chunk: int = 32, rngs: nnx.Rngs):
+    self.temperature = temperature
+    self.chunk = chunk
+    init = nnx.initializers.normal(stddev=1.0 / math.sqrt(head_dim))
+    shape = (num_heads, head_dim, num_latents)
+    self.pool = nnx.Param(init(rngs.params(), shape))
+    self.value_pool = (nnx.Param(init(rngs.params(), shape))
+                       if separate_value_pool else None)
+
+  def __call__(self, q, k, v, mask: Mask, bias=None, *,
+               temperature: float | None = None, chunk: int | None = None,
+               return_weights: bool = False):
+    """`low_rank` with this module's matrices; same arguments and result.
+
+    `temperature` and `chunk` default to the values given at construction.
+    """
+    return low_rank(
+        q, k, v, mask, bias, pool=self.pool[...],
+        value_pool=None if self.value_pool is None else self.value_pool[...],
+        temperature=self.temperature if temperature is None else temperature,
+        chunk=self.chunk if chunk is None else chunk,
+        return_weights=return_weights)

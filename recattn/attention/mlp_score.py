@@ -1,0 +1,142 @@
+"""Attention scored by a small network: Bahdanau's and DIN's.
+
+  additive: e_ij = v_a^T tanh(W_q q_i + W_k k_j),
+            out_i = sum_j softmax_j(e_ij) v_j
+            (Bahdanau, Cho & Bengio, "Neural Machine Translation by Jointly
+            Learning to Align and Translate", ICLR 2015);
+  din:      e_ij = MLP([q_i, k_j, q_i - k_j, q_i * k_j]),
+            out_i = sum_j w_ij v_j with w = e (DIN's sum pooling, no
+            normalisation) or softmax_j(e)
+            (Zhou et al., "Deep Interest Network for Click-Through Rate
+            Prediction", KDD 2018), the form used for target attention: the
+            candidate item is the query, the behaviour history the keys.
+
+Both are evaluated per head (parameters carry a leading head axis), so the
+multi-head wrapper applies to them like to any other variant.
+Time O(B H Lq Lk d_k d_a); memory O(B H Lq Lk d_a) for the hidden layer of
+the score network: use them for target attention (few queries) or short
+sequences.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from recattn.attention import biases
+from recattn.attention import weights as weights_lib
+from recattn.attention.masks import Mask
+
+
+def _softmax_pool(scores, v, mask, bias):
+  lq, lk = scores.shape[-2:]
+  bias = biases.dense(bias, lq, lk)
+  if bias is not None:
+    scores = scores + bias
+  dense = mask.dense(lq, lk)
+  if dense is not None:
+    scores = jnp.where(dense, scores, jnp.finfo(scores.dtype).min)
+  w = jax.nn.softmax(scores, axis=-1)
+  if dense is not None:
+    w = jnp.where(dense, w, 0.0)
+  return jnp.einsum("bhqk,bkhd->bqhd", w, v), w
+
+
+def additive(q, k, v, mask: Mask, bias=None, *, w_q, w_k, v_a,
+             return_weights: bool = False):
+  """Bahdanau attention; see the module docstring.
+
+  Args:
+    q, k, v: `[B, Lq, H, Dh]`, `[B, Lk, H, Dh]`, `[B, Lk, H, Dh]`.
+    mask, bias: as for every variant.
+    w_q, w_k: `[H, Dh, Da]` projections; v_a: `[H, Da]`.
+    return_weights: also return the `[B, H, Lq, Lk]` weights.
+  """
+  if return_weights:
+    weights_lib.check_fits("additive", q.shape[0], q.shape[2], q.shape[1],
+                           k.shape[1])
+  qa = jnp.einsum("bqhd,hda->bhqa", q, w_q)
+  ka = jnp.einsum("bkhd,hda->bhka", k, w_k)
+  hidden = jnp.tanh(qa[:, :, :, None, :] + ka[:, :, None, :, :])
+  scores = jnp.einsum("bhqka,ha->bhqk", hidden, v_a)
+  out, w = _softmax_pool(scores, v, mask, bias)
+  return out, (w if return_weights else None)
+
+
+def din(q, k, v, mask: Mask, bias=None, *, layers, normalize: bool = False,
+        return_weights: bool = False):
+  """DIN's activation unit; see the module docstring.
+
+  Args:
+    q, k, v: `[B, Lq, H, Dh]`, `[B, Lk, H, Dh]`, `[B, Lk, H, Dh]`.
+    mask, bias: as for every variant (`bias` only with `normalize`).
+    layers: list of `(w, b)`: the first `w` is `[H, 4 Dh, A1]` over
+      `[q, k, q - k, q * k]`, the hidden ones `[H, A_i, A_i+1]`, the last
+      maps to 1; sigmoid between layers (the paper uses PReLU/Dice).
+    normalize: softmax over keys (True) or DIN's raw weights (False).
+    return_weights: also return the `[B, H, Lq, Lk]` weights.
+  """
+  if return_weights:
+    weights_lib.check_fits("din", q.shape[0], q.shape[2], q.shape[1],
+                           k.shape[1])
+  if bias is not None and not normalize:
+    raise ValueError("din: bias needs normalize=True (a bias on unnormalised "
+                     "weights has no meaning)")
+  dh = q.shape[-1]
+  (w1, b1), rest = layers[0], layers[1:]
+  wq, wk, wd, wp = (w1[:, i * dh:(i + 1) * dh] for i in range(4))
+  # [q, k, q - k, q * k] @ W1 without building the concatenation.
+  hidden = (jnp.einsum("bqhd,hda->bhqa", q, wq + wd)[:, :, :, None]
+            + jnp.einsum("bkhd,hda->bhka", k, wk - wd)[:, :, None]
+            + jnp.einsum("bqhd,bkhd,hda->bhqka", q, k, wp)
+            + b1[None, :, None, None])
+  for w, b in rest:
+    hidden = jax.nn.sigmoid(hidden)
+    hidden = jnp.einsum("bhqka,hac->bhqkc", hidden, w) + b[None, :, None, None]
+  scores = hidden[..., 0]
+  if normalize:
+    out, w = _softmax_pool(scores, v, mask, bias)
+  else:
+    dense = mask.dense(q.shape[1], k.shape[1])
+    w = scores if dense is None else jnp.where(dense, scores, 0.0)
+    out = jnp.einsum("bhqk,bkhd->bqhd", w, v)
+  return out, (w if return_weights else None)
+
+
+class Additive(nnx.Module):
+  """Parameters of `additive` for `num_heads` heads of size `head_dim`."""
+
+  def __init__(self, num_heads: int, head_dim: int, *, hidden: int = 0,
+               rngs: nnx.Rngs):
+    hidden = hidden or head_dim
+    init = nnx.initializers.variance_scaling(1.0, "fan_in", "normal",
+                                             in_axis=-2, out_axis=-1)
+    self.w_q = nnx.Param(init(rngs.params(), (num_heads, head_dim, hidden)))
+    self.w_k = nnx.Param(init(rngs.params(), (num_heads, head_dim, hidden)))
+    self.v_a = nnx.Param(
+        jax.random.normal(rngs.params(), (num_heads, hidden)) / hidden**0.5)
+
+  def __call__(self, q, k, v, mask, bias=None, *, return_weights=False):
+    return additive(q, k, v, mask, bias, w_q=self.w_q[...], w_k=self.w_k[...],
+                    v_a=self.v_a[...], return_weights=return_weights)
+
+
+class DIN(nnx.Module):
+  """Parameters of `din`: an MLP over `[q, k, q - k, q * k]` per head."""
+
+  def __init__(self, num_heads: int, head_dim: int, *,
+               hidden: tuple[int, ...] = (80, 40), normalize: bool = False,
+               rngs: nnx.Rngs):
+    self.normalize = normalize
+    sizes = (4 * head_dim, *hidden, 1)
+    init = nnx.initializers.variance_scaling(1.0, "fan_in", "normal",
+                                             in_axis=-2, out_axis=-1)
+    pairs = list(zip(sizes[:-1], sizes[1:]))
+    self.kernels = nnx.List([
+        nnx.Param(init(rngs.params(), (num_heads, a, b))) for a, b in pairs])
+    self.biases = nnx.List([
+        nnx.Param(jnp.zeros((num_heads, b))) for _, b in pairs])
+
+  def __call__(self, q, k, v, mask, bias=None, *, return_weights=False):
+    layers = [(w[...], b[...]) for w, b in zip(self.kernels, self.biases)]
+    return din(q, k, v, mask, bias, layers=layers, normalize=self.normalize,
+               return_weights=return_weights)

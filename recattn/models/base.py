@@ -1,0 +1,122 @@
+"""What every sequential recommender shares: item and position embeddings,
+the shared input/output item table, and unit-norm scoring.
+
+Subclasses build `self.blocks` (and may override `output`); `encode(items)
+gives `[B, L, D]` user states. The trainer, losses and evaluators only use
+`encode`, `item_vectors` and `all_item_vectors`.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from recattn import attention
+from recattn.attention import relative
+
+REL_BIASES = ("none", "position", "alibi")
+
+
+class SequenceRecommender(nnx.Module):
+  """Embeddings and scoring shared by SASRec, HSTU, ..."""
+
+  def __init__(self, *, num_items: int, max_len: int, dim: int,
+               dropout: float, l2_norm: bool, pos_init: float = 0.02,
+               num_heads: int = 1, rel_bias: str = "none",
+               rngs: nnx.Rngs):
+    self.dim = dim
+    if rel_bias not in REL_BIASES:
+      raise ValueError(f"model.rel_bias={rel_bias!r}: allowed values are "
+                       f"{list(REL_BIASES)}")
+    self.rel_bias = rel_bias
+    self.num_heads = num_heads
+    if rel_bias == "position":
+      self.position_bias = relative.RelativePositionBias(
+          num_heads, num_buckets=32, max_distance=max_len, rngs=rngs)
+    self.l2_norm = l2_norm
+    # Row 0 is padding; it is masked out of every score and loss.
+    self.item_embedding = nnx.Embed(
+        num_items + 1, dim, embedding_init=nnx.initializers.normal(0.02),
+        rngs=rngs)
+    # Positions are counted from the most recent item (right-aligned).
+    self.pos_embedding = nnx.Embed(
+        max_len, dim, embedding_init=nnx.initializers.normal(pos_init),
+        rngs=rngs)
+    self.dropout = nnx.Dropout(dropout)
+
+  def _normalize(self, x):
+    if not self.l2_norm:
+      return x
+    return x * jax.lax.rsqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-12)
+
+  def item_vectors(self, ids: jax.Array) -> jax.Array:
+    """Output-side item vectors `[..., D]` for item ids `[...]`."""
+    return self._normalize(self.item_embedding(ids))
+
+  def all_item_vectors(self) -> jax.Array:
+    """`[V + 1, D]`; row 0 (padding) must be masked by the caller."""
+    return self._normalize(self.item_embedding.embedding[...])
+
+  @staticmethod
+  def common_kwargs(model_config) -> dict:
+    """Constructor arguments every model reads from `config.model`."""
+    get = model_config.get
+    attn = get("attn")
+    return dict(
+        dim=model_config.dim,
+        num_blocks=model_config.num_blocks,
+        num_heads=model_config.num_heads,
+        dropout=model_config.dropout,
+        attention=model_config.attention,
+        l2_norm=get("l2_norm", False),
+        attn_config=None if attn is None else attn.to_dict(),
+        rel_bias=get("rel_bias", "none"),
+    )
+
+  def attention_bias(self):
+    """The relative attention bias shared by all blocks (or None)."""
+    if self.rel_bias == "position":
+      return self.position_bias()
+    if self.rel_bias == "alibi":
+      return relative.alibi(self.num_heads)
+    return None
+
+  def embed(self, items: jax.Array, rngs: nnx.Rngs | None):
+    """Scaled item + position embeddings with dropout, zero at padding.
+
+    Returns `(x [B, L, D], valid [B, L] bool)`.
+    """
+    valid = items > 0
+    x = self.item_embedding(items) * math.sqrt(self.dim)
+    x = x + self.pos_embedding.embedding[...][None, -items.shape[1]:]
+    x = self.dropout(x, rngs=rngs, deterministic=rngs is None)
+    return x * valid[..., None].astype(x.dtype), valid
+
+  def output(self, x: jax.Array) -> jax.Array:
+    """Maps the last block's output to user states (default: unit norm)."""
+    return self._normalize(x)
+
+  def encode(
+      self,
+      items: jax.Array,  # [B, L] int, left-padded with 0
+      *,
+      rngs: nnx.Rngs | None = None,
+      return_weights: bool = False,
+  ):
+    """Returns user states `[B, L, D]` (and per-block weights if asked).
+
+    Runs `self.blocks` (each `block(x, mask, bias, *, rngs, return_weights)
+    -> (x, weights)`) under a causal, padding-aware mask.
+    """
+    x, valid = self.embed(items, rngs)
+    keep = valid[..., None].astype(x.dtype)
+    mask = attention.Mask(causal=True, key_valid=valid)
+    bias = self.attention_bias()
+    weights = []
+    for block in self.blocks:
+      x, w = block(x, mask, bias, rngs=rngs, return_weights=return_weights)
+      x = x * keep
+      weights.append(w)
+    h = self.output(x)
+    return (h, weights) if return_weights else h

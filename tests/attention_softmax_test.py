@@ -1,0 +1,302 @@
+"""dot, scaled_dot, additive and din against float64 numpy references."""
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+from flax import nnx
+import pytest
+
+from recattn import attention
+from recattn.attention import mlp_score
+from recattn.attention.masks import Mask
+
+SHAPES = [  # (B, Lq, Lk, H, Dh)
+    (2, 6, 6, 1, 4),
+    (3, 5, 9, 2, 8),
+    (1, 1, 7, 4, 4),
+]
+
+
+def _inputs(shape, seed=0):
+  b, lq, lk, h, d = shape
+  r = np.random.default_rng(seed)
+  q = r.normal(size=(b, lq, h, d))
+  k = r.normal(size=(b, lk, h, d))
+  v = r.normal(size=(b, lk, h, d))
+  valid = np.ones((b, lk), bool)
+  valid[0, :min(2, lk - 1)] = False  # left padding in the first row
+  return q, k, v, valid
+
+
+def _np_mask(lq, lk, valid, causal, window=None, num_targets=None):
+  qp = np.arange(lq)[:, None] + lk - lq
+  kp = np.arange(lk)[None, :]
+  m = np.ones((lq, lk), bool)
+  if causal:
+    m &= kp <= qp
+  if window is not None:
+    m &= kp > qp - window
+  if num_targets is not None:
+    first = lk - num_targets
+    m &= np.where(kp >= first, (qp >= first) & (kp == qp), True)
+  return m[None, None] & valid[:, None, None, :]
+
+
+def _np_pool(scores, v, m, normalize=True):
+  if normalize:
+    s = np.where(m, scores, -np.inf)
+    s = s - np.max(np.where(m, s, -1e300), -1, keepdims=True)
+    w = np.where(m, np.exp(s), 0.0)
+    w = w / np.maximum(w.sum(-1, keepdims=True), 1e-300)
+  else:
+    w = np.where(m, scores, 0.0)
+  return np.einsum("bhqk,bkhd->bqhd", w, v), w
+
+
+def np_scaled_dot(q, k, v, m, scale, bias=None):
+  s = np.einsum("bqhd,bkhd->bhqk", q, k) * scale
+  if bias is not None:
+    s = s + bias
+  return _np_pool(s, v, m)
+
+
+def np_additive(q, k, v, m, w_q, w_k, v_a):
+  qa = np.einsum("bqhd,hda->bhqa", q, w_q)
+  ka = np.einsum("bkhd,hda->bhka", k, w_k)
+  s = np.einsum("bhqka,ha->bhqk", np.tanh(qa[:, :, :, None] + ka[:, :, None]),
+                v_a)
+  return _np_pool(s, v, m)
+
+
+def np_din(q, k, v, m, layers, normalize):
+  b, lq, h, d = q.shape
+  lk = k.shape[1]
+  qq = np.broadcast_to(q[:, :, None], (b, lq, lk, h, d))
+  kk = np.broadcast_to(k[:, None], (b, lq, lk, h, d))
+  x = np.concatenate([qq, kk, qq - kk, qq * kk], -1)  # [B, Lq, Lk, H, 4D]
+  x = np.einsum("bqkhf,hfa->bhqka", x, layers[0][0]) + layers[0][1][
+      None, :, None, None]
+  for w, bb in layers[1:]:
+    x = 1 / (1 + np.exp(-x))
+    x = np.einsum("bhqka,hac->bhqkc", x, w) + bb[None, :, None, None]
+  return _np_pool(x[..., 0], v, m, normalize)
+
+
+def _f32(*xs):
+  return [jnp.asarray(x, jnp.float32) for x in xs]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("name", ["dot", "scaled_dot"])
+def test_softmax_variants_match_numpy(shape, causal, name):
+  q, k, v, valid = _inputs(shape)
+  mask = Mask(causal=causal, key_valid=jnp.asarray(valid))
+  fn = attention.get(name).fn
+  out, _ = fn(*_f32(q, k, v), mask)
+  out_w, w = fn(*_f32(q, k, v), mask, return_weights=True)
+  scale = 1.0 if name == "dot" else 1 / np.sqrt(shape[-1])
+  ref, ref_w = np_scaled_dot(q, k, v, _np_mask(shape[1], shape[2], valid,
+                                               causal), scale)
+  np.testing.assert_allclose(out, ref, atol=1e-5)
+  np.testing.assert_allclose(out_w, ref, atol=1e-5)
+  np.testing.assert_allclose(w, ref_w, atol=1e-6)
+
+
+@pytest.mark.parametrize("window,num_targets", [(3, None), (None, 2), (2, 2)])
+def test_scaled_dot_window_and_target_aware_masks(window, num_targets):
+  shape = (2, 7, 7, 2, 4)
+  q, k, v, valid = _inputs(shape, seed=1)
+  mask = Mask(causal=True, key_valid=jnp.asarray(valid), window=window,
+              num_targets=num_targets)
+  out, _ = attention.scaled_dot.scaled_dot(*_f32(q, k, v), mask,
+                                           temperature=0.5)
+  ref, _ = np_scaled_dot(q, k, v, _np_mask(7, 7, valid, True, window,
+                                           num_targets), 1 / (0.5 * 2.0))
+  np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_target_aware_candidates_do_not_see_each_other():
+  shape = (1, 6, 6, 1, 4)
+  q, k, v, valid = _inputs(shape, seed=2)
+  valid[:] = True
+  mask = Mask(causal=True, key_valid=jnp.asarray(valid), num_targets=3)
+  out, _ = attention.scaled_dot.scaled_dot(*_f32(q, k, v), mask)
+  k2, v2 = k.copy(), v.copy()
+  k2[:, 4] += 1.0  # perturb candidate 4: other candidates must not move
+  v2[:, 4] += 1.0
+  out2, _ = attention.scaled_dot.scaled_dot(*_f32(q, k2, v2), mask)
+  np.testing.assert_allclose(out2[:, [0, 1, 2, 3, 5]], out[:, [0, 1, 2, 3, 5]],
+                             atol=1e-6)
+  assert not np.allclose(out2[:, 4], out[:, 4])
+
+
+def test_dense_bias_is_added_to_the_logits():
+  shape = (2, 5, 5, 2, 4)
+  q, k, v, valid = _inputs(shape, seed=3)
+  bias = np.random.default_rng(3).normal(size=(1, 2, 5, 5))
+  mask = Mask(causal=True, key_valid=jnp.asarray(valid))
+  out, _ = attention.scaled_dot.scaled_dot(*_f32(q, k, v), mask,
+                                           jnp.asarray(bias, jnp.float32))
+  ref, _ = np_scaled_dot(q, k, v, _np_mask(5, 5, valid, True), 0.5, bias)
+  np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def _additive_module(h, d):
+  return mlp_score.Additive(h, d, hidden=6, rngs=nnx.Rngs(0))
+
+
+def _din_module(h, d, normalize):
+  return mlp_score.DIN(h, d, hidden=(5, 3), normalize=normalize,
+                          rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_additive_matches_numpy(shape):
+  q, k, v, valid = _inputs(shape)
+  mod = _additive_module(shape[3], shape[4])
+  mask = Mask(causal=True, key_valid=jnp.asarray(valid))
+  out, w = mod(*_f32(q, k, v), mask, return_weights=True)
+  p = [np.asarray(x[...], np.float64) for x in (mod.w_q, mod.w_k, mod.v_a)]
+  ref, ref_w = np_additive(q, k, v, _np_mask(shape[1], shape[2], valid, True),
+                           *p)
+  np.testing.assert_allclose(out, ref, atol=1e-5)
+  np.testing.assert_allclose(w, ref_w, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_din_matches_numpy(shape, normalize):
+  q, k, v, valid = _inputs(shape)
+  mod = _din_module(shape[3], shape[4], normalize)
+  mask = Mask(causal=False, key_valid=jnp.asarray(valid))
+  out, w = mod(*_f32(q, k, v), mask, return_weights=True)
+  layers = [(np.asarray(a[...], np.float64), np.asarray(b[...], np.float64))
+            for a, b in zip(mod.kernels, mod.biases)]
+  ref, ref_w = np_din(q, k, v, _np_mask(shape[1], shape[2], valid, False),
+                      layers, normalize)
+  np.testing.assert_allclose(out, ref, atol=1e-5)
+  np.testing.assert_allclose(w, ref_w, atol=1e-5)
+
+
+def _callables():
+  h, d = 2, 4
+  add = _additive_module(h, d)
+  din = _din_module(h, d, True)
+  return {
+      "dot": attention.scaled_dot.dot,
+      "scaled_dot": attention.scaled_dot.scaled_dot,
+      "additive": add,
+      "din": din,
+  }
+
+
+@pytest.mark.parametrize("name", ["dot", "scaled_dot", "additive", "din"])
+def test_causality_and_padding_invariance(name):
+  fn = _callables()[name]
+  shape = (2, 6, 6, 2, 4)
+  q, k, v, valid = _inputs(shape, seed=4)
+  mask = Mask(causal=True, key_valid=jnp.asarray(valid))
+  out, _ = fn(*_f32(q, k, v), mask)
+  for t in range(2, 5):
+    k2, v2 = k.copy(), v.copy()
+    k2[:, t + 1:] += 3.0
+    v2[:, t + 1:] -= 2.0
+    out2, _ = fn(*_f32(q, k2, v2), mask)
+    np.testing.assert_allclose(out2[:, :t + 1], out[:, :t + 1], atol=1e-5)
+  # padded keys (row 0, positions 0 and 1) never matter
+  k3, v3 = k.copy(), v.copy()
+  k3[0, :2] = 100.0
+  v3[0, :2] = -50.0
+  out3, _ = fn(*_f32(q, k3, v3), mask)
+  np.testing.assert_allclose(out3, out, atol=1e-5)
+  # queries with no visible key output zeros
+  np.testing.assert_allclose(out[0, :2], 0.0, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["dot", "scaled_dot", "additive", "din"])
+def test_gradients_match_float64_reference(name):
+  fn = _callables()[name]
+  shape = (2, 5, 5, 2, 4)
+  q, k, v, valid = _inputs(shape, seed=5)
+  mask = Mask(causal=True, key_valid=jnp.asarray(valid))
+  m = _np_mask(5, 5, valid, True)
+  cot = np.random.default_rng(6).normal(size=q.shape)
+
+  def loss(q, k, v):
+    return jnp.sum(fn(q, k, v, mask)[0] * cot)
+
+  grads = jax.grad(loss, argnums=(0, 1, 2))(*_f32(q, k, v))
+  # Central differences of the float64 numpy reference.
+  if name in ("dot", "scaled_dot"):
+    scale = 1.0 if name == "dot" else 0.5
+    ref_fn = lambda q, k, v: np_scaled_dot(q, k, v, m, scale)[0]
+  elif name == "additive":
+    p = [np.asarray(x[...], np.float64) for x in (fn.w_q, fn.w_k, fn.v_a)]
+    ref_fn = lambda q, k, v: np_additive(q, k, v, m, *p)[0]
+  else:
+    layers = [(np.asarray(a[...], np.float64), np.asarray(b[...], np.float64))
+              for a, b in zip(fn.kernels, fn.biases)]
+    ref_fn = lambda q, k, v: np_din(q, k, v, m, layers, True)[0]
+  # Directional derivatives of the float64 reference by central differences.
+  args = [q, k, v]
+  eps = 1e-6
+  r = np.random.default_rng(8)
+  for i, g in enumerate(grads):
+    for _ in range(3):
+      d = r.normal(size=args[i].shape)
+      plus = list(args)
+      minus = list(args)
+      plus[i] = args[i] + eps * d
+      minus[i] = args[i] - eps * d
+      num = (np.sum(ref_fn(*plus) * cot) - np.sum(ref_fn(*minus) * cot)) / (
+          2 * eps)
+      np.testing.assert_allclose(np.sum(np.asarray(g, np.float64) * d), num,
+                                 atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["dot", "scaled_dot", "additive", "din"])
+def test_jit_and_vmap_do_not_retrace_on_new_data(name):
+  fn = _callables()[name]
+  traces = []
+
+  def f(q, k, v, valid):
+    traces.append(1)
+    return fn(q, k, v, Mask(causal=True, key_valid=valid))[0]
+
+  jf = jax.jit(f)
+  shape = (2, 5, 5, 2, 4)
+  for seed in range(3):
+    q, k, v, valid = _inputs(shape, seed)
+    np.testing.assert_allclose(jf(*_f32(q, k, v), jnp.asarray(valid)),
+                               f(*_f32(q, k, v), jnp.asarray(valid)),
+                               atol=1e-5)
+  assert len(traces) == 1 + 3  # one jit trace + three eager calls
+  # vmap over an extra leading axis equals a loop
+  qs, ks, vs, valids = zip(*(_inputs(shape, s) for s in range(3)))
+  stacked = [jnp.asarray(np.stack(x), jnp.float32) for x in (qs, ks, vs)]
+  vout = jax.vmap(f)(*stacked, jnp.asarray(np.stack(valids)))
+  for i in range(3):
+    np.testing.assert_allclose(
+        vout[i], f(*_f32(qs[i], ks[i], vs[i]), jnp.asarray(valids[i])),
+        atol=1e-5)
+
+
+# bf16 inputs: outputs within 2e-2 (absolute) of float32 for unit-scale inputs.
+@pytest.mark.parametrize("name", ["dot", "scaled_dot", "additive", "din"])
+def test_bf16_within_tolerance(name):
+  fn = _callables()[name]
+  shape = (2, 6, 6, 2, 4)
+  q, k, v, valid = _inputs(shape, seed=7)
+  mask = Mask(causal=True, key_valid=jnp.asarray(valid))
+  out32, _ = fn(*_f32(q, k, v), mask)
+  out16, _ = fn(*(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)), mask)
+  np.testing.assert_allclose(np.asarray(out16, np.float32), out32, atol=5e-2)
+
+
+def test_weights_refused_when_too_large(monkeypatch):
+  from recattn.attention import weights
+  monkeypatch.setattr(weights, "MAX_WEIGHT_ELEMENTS", 10)
+  q, k, v, valid = _inputs((1, 4, 4, 1, 4))
+  with pytest.raises(ValueError, match="would materialise"):
+    attention.scaled_dot.scaled_dot(*_f32(q, k, v), Mask(), return_weights=True)
