@@ -2,6 +2,9 @@
 and its allowed values before any data is read or compiled."""
 
 from recattn import attention, losses, models
+from recattn.attention import hstu as hstu_attention
+from recattn.attention import linear
+from recattn.models import base as models_base
 from recattn.models import sasrec
 
 
@@ -53,6 +56,8 @@ def validate(config) -> None:
   _choice(config, "model.name", models.REGISTRY)
   _choice(config, "model.attention", attention.REGISTRY)
   _choice(config, "model.norm", sasrec.NORMS)
+  _choice(config, "model.rel_bias", models_base.REL_BIASES)
+  _validate_attention_options(config)
   _choice(config, "data.train_windows", ("last", "all"))
   _choice(config, "loss.name", losses.LOSSES)
   _choice(config, "loss.sampling", ("uniform", "popularity"))
@@ -67,3 +72,25 @@ def validate(config) -> None:
   _require(config.eval.select_metric.startswith("valid/"),
            f"config.eval.select_metric={config.eval.select_metric!r}: "
            "selection must use a validation metric ('valid/...')")
+
+
+def _validate_attention_options(config) -> None:
+  """The `model.attn` fields of the chosen variant (each reads its own)."""
+  attn = config.model.get("attn")
+  if attn is None:
+    return
+  _require(0.0 <= attn.dropout < 1.0,
+           f"config.model.attn.dropout={attn.dropout!r}: must be in [0, 1)")
+  for field in ("temperature", "window", "linear_chunk", "num_latents",
+                "low_rank_chunk", "block_q", "block_k"):
+    _positive(config, f"model.attn.{field}")
+  _positive(config, "model.attn.hidden", zero_ok=True)
+  _choice(config, "model.attn.linear_feature", linear.FEATURES)
+  _choice(config, "model.attn.normalizer", hstu_attention.NORMALIZERS)
+  hidden = attn.din_hidden
+  _require(all(isinstance(h, int) and h > 0 for h in hidden),
+           f"config.model.attn.din_hidden={hidden!r}: must be positive ints")
+  for field in ("alpha", "hstu_block_k"):
+    value = attn[field]
+    _require(value is None or value > 0,
+             f"config.model.attn.{field}={value!r}: must be None or > 0")

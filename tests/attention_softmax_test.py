@@ -300,3 +300,25 @@ def test_weights_refused_when_too_large(monkeypatch):
   q, k, v, valid = _inputs((1, 4, 4, 1, 4))
   with pytest.raises(ValueError, match="would materialise"):
     attention.scaled_dot.scaled_dot(*_f32(q, k, v), Mask(), return_weights=True)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+@pytest.mark.parametrize("causal", [True, False])
+def test_cudnn_path_matches_the_reference(causal):
+  shape = (2, 128, 128, 2, 64)
+  q, k, v, valid = _inputs(shape, seed=9)
+  mask = Mask(causal=causal, key_valid=jnp.asarray(valid))
+  args = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)]
+  assert attention.scaled_dot.cudnn_status(args[0], args[1], mask,
+                                           None) is None
+  out, _ = attention.scaled_dot.scaled_dot(*args, mask)
+  ref, _ = attention.scaled_dot.reference(*args, mask, scale=1 / 8)
+  rows = np.asarray(mask.dense(128, 128)).any(-1)[:, 0]  # [B, Lq]
+  np.testing.assert_allclose(np.asarray(out, np.float32)[rows],
+                             np.asarray(ref, np.float32)[rows], atol=2e-2)
+
+
+def test_cudnn_status_explains_the_fallback():
+  q = jnp.zeros((1, 4, 1, 50), jnp.float32)
+  reason = attention.scaled_dot.cudnn_status(q, q, Mask(), None)
+  assert reason is not None and reason

@@ -127,12 +127,20 @@ def test_entry_point_end_to_end(tmp_path):
     ("model.num_heads", 3, "config.model.num_heads=3 must divide"),
     ("loss.name", "hinge", "config.loss.name='hinge': allowed values are"),
     ("eval.select_metric", "test/full/ndcg@10", "selection must use"),
+    ("model.rel_bias", "rope", "config.model.rel_bias='rope': allowed"),
+    ("model.attn.window", 0, "config.model.attn.window=0: must be"),
+    ("model.attn.linear_feature", "relu",
+     "config.model.attn.linear_feature='relu': allowed values are"),
+    ("model.attn.normalizer", "max", "config.model.attn.normalizer='max'"),
 ])
 def test_impossible_configs_name_the_field(field, value, message):
   c = test_config.get_config()
-  section, name = field.split(".")
+  *path, name = field.split(".")
   with c.unlocked():
-    c[section][name] = value
+    section = c
+    for part in path:
+      section = section[part]
+    section[name] = value
   with pytest.raises(config_check.ConfigError, match=message.replace(
       "(", r"\(").replace("[", r"\[")):
     config_check.validate(c)

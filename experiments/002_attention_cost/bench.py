@@ -13,6 +13,8 @@ batch with no padding keys, H heads of size d/H) and reports:
     (null) when the compiled memory exceeds `--max_gib` or the estimated
     time of one run exceeds `--max_s`.
 Variant parameters (additive, din, low_rank) are created at their defaults.
+A Markdown table (`time / peak memory` per variant and length) is printed
+and written next to the JSON.
 """
 
 import json
@@ -49,24 +51,26 @@ _MAX_GIB = flags.DEFINE_float("max_gib", 12.0,
 _MAX_S = flags.DEFINE_float("max_s", 60.0,
                             "Skip the timed runs when the warm-up run took "
                             "longer than this.")
-# Per-variant options of the benchmark (what a study would use).
-OPTIONS = {
-    "local": {"window": 64},
+_BATCH = flags.DEFINE_integer("batch", 0, "Fixed batch size instead of "
+                               "--tokens / L (0 = use --tokens).")
+_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False,
+                                  "Memory analysis only, no timed runs.")
+# Benchmark rows: label -> (registry name, `config.model.attn` overrides).
+# Every registered variant runs at its defaults under its own name.
+EXTRA = {
+    "local": ("local", {"window": 64}),
+    "hstu_tiled": ("hstu", {"hstu_block_k": 512}),
+    "blockwise": ("blockwise", {"block_q": 512, "block_k": 512}),
 }
 
 
-def _core(name: str, heads: int, head_dim: int):
-  variant = attention.get(name)
-  core = attention.layer(name, heads, head_dim, rngs=nnx.Rngs(0))
-  return core, OPTIONS.get(name, {}), variant
-
-
-def measure(name: str, length: int) -> dict:
-  b = max(1, _TOKENS.value // length)
+def measure(label: str, length: int) -> dict:
+  b = _BATCH.value or max(1, _TOKENS.value // length)
   h = _HEADS.value
   dh = _DIM.value // h
   dtype = jnp.dtype(_DTYPE.value)
-  core, options, _ = _core(name, h, dh)
+  name, options = EXTRA.get(label, (label, {}))
+  core = attention.layer(name, h, dh, options, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(core)
   shape = (b, length, h, dh)
   keys = jax.random.split(jax.random.key(0), 4)
@@ -81,7 +85,7 @@ def measure(name: str, length: int) -> dict:
     return jnp.sum((out * cot).astype(jnp.float32))
 
   step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-  row = {"variant": name, "L": length, "B": b, "H": h, "head_dim": dh,
+  row = {"variant": label, "L": length, "B": b, "H": h, "head_dim": dh,
          "dtype": _DTYPE.value, "options": options}
   try:
     t0 = time.time()
@@ -95,6 +99,8 @@ def measure(name: str, length: int) -> dict:
           mem.temp_size_in_bytes)
   row["peak_bytes"] = int(peak)
   row["temp_bytes"] = int(mem.temp_size_in_bytes)
+  if _COMPILE_ONLY.value:
+    return row
   if peak > _MAX_GIB.value * 2**30:
     row["skipped"] = f"compiled memory {peak / 2**30:.1f} GiB > --max_gib"
     return row
@@ -118,9 +124,28 @@ def measure(name: str, length: int) -> dict:
   return row
 
 
+def markdown(rows, lengths) -> str:
+  """Variant x length table of `time s / peak MiB`."""
+  head = "| variant | " + " | ".join(f"L={n}" for n in lengths) + " |"
+  lines = [head, "|---" * (len(lengths) + 1) + "|"]
+  for name in dict.fromkeys(r["variant"] for r in rows):
+    cells = []
+    for n in lengths:
+      r = next((r for r in rows if r["variant"] == name and r["L"] == n), {})
+      mem = r.get("peak_bytes")
+      if mem is None:
+        cells.append("error" if "error" in r else "")
+        continue
+      t = r.get("s")
+      cells.append(("-" if t is None else f"{t:.3g} s") +
+                   f" / {mem / 2**20:.0f} MiB")
+    lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def main(argv):
   del argv
-  names = _VARIANTS.value or sorted(attention.REGISTRY)
+  names = _VARIANTS.value or sorted(set(attention.REGISTRY) | set(EXTRA))
   rows = []
   for name in names:
     for length in (int(x) for x in _LENGTHS.value):
@@ -133,10 +158,14 @@ def main(argv):
             flush=True)
   result = {"env": reporting.environment(),
             "command": " ".join(sys.argv),
-            "tokens": _TOKENS.value, "dim": _DIM.value, "heads": _HEADS.value,
+            "tokens": _TOKENS.value, "batch": _BATCH.value, "dim": _DIM.value, "heads": _HEADS.value,
             "rows": rows}
+  table = markdown(rows, [int(x) for x in _LENGTHS.value])
+  print(table)
   if _OUT.value:
     reporting.write_json(_OUT.value, result)
+    with open(_OUT.value.removesuffix(".json") + ".md", "w") as f:
+      f.write(table)
 
 
 if __name__ == "__main__":
