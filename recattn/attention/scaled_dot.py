@@ -82,7 +82,7 @@ def cudnn_status(q: jax.Array, k: jax.Array, mask: Mask,
 def _note_fallback(reason: str) -> None:
   if reason not in _warned:
     _warned.add(reason)
-    logging.info("scaled_dot: XLA attention instead of cuDNN: %s", reason)
+    logging.warning("scaled_dot: XLA attention instead of cuDNN: %s", reason)
 
 
 def _attention(q, k, v, mask, bias, *, scale, return_weights, dropout_rate,
