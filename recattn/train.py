@@ -88,6 +88,22 @@ def make_train_step(graphdef, tx, loss_config, log_q):
   return train_step
 
 
+def step_peak_bytes(step_fn, state, example_batch, rng) -> int | None:
+  """XLA's estimate of the train step's peak memory for this batch shape.
+
+  Arguments + outputs - donated aliases + temporaries of the compiled step;
+  None where the backend gives no memory analysis.
+  """
+  spec = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+      example_batch)
+  analysis = step_fn.lower(state, spec, rng).compile().memory_analysis()
+  if analysis is None:
+    return None
+  return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+             - analysis.alias_size_in_bytes + analysis.temp_size_in_bytes)
+
+
 def _num_params(params) -> int:
   return int(sum(x.size for x in jax.tree.leaves(params)))
 
@@ -222,6 +238,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     final.update(valid_eval(graphdef, best_params))
     final.update(test_eval(graphdef, best_params))
     epoch_seconds = meta["epoch_seconds"]
+    widest = np.arange(config.batch_size)
+    widest[widest >= len(inputs)] = -1  # padding rows, as in epoch_batches
+    widest_batch = jax.device_put(
+        {"inputs": batching.take_rows(inputs, widest),
+         "targets": batching.take_rows(targets, widest)}, batch_sharding)
+    peak = step_peak_bytes(step_fn, state, widest_batch, base_rng)
     final.update({
         "train/epochs": meta["epoch"],
         "train/best_epoch": best_meta["best_epoch"],
@@ -234,6 +256,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         "train/first_epoch_s": epoch_seconds[0],
         "train/num_params": _num_params(best_params),
     })
+    if peak is not None:
+      # Compiled estimate for a full-width [batch, max_len] training step.
+      final["train/peak_bytes"] = peak
     writer.write(int(state["step"]), {k: v for k, v in final.items()
                                       if k.startswith("test/")})
     reporting.write_json(os.path.join(workdir, "final_metrics.json"), final)

@@ -116,6 +116,8 @@ def test_entry_point_end_to_end(tmp_path):
               "train/wall_s", "train/epochs", "train/s_per_epoch"):
     assert isinstance(final[key], (int, float)), key
   assert final["train/epochs"] == 2
+  # a [32, 20] SASRec step holds at least its parameters and Adam moments
+  assert final["train/peak_bytes"] > 3 * 4 * final["train/num_params"]
   env_json = json.loads((workdir / "env.json").read_text())
   assert env_json["device_count"] >= 1 and env_json["packages"]["jax"]
   assert (workdir / "ckpt" / "best").is_dir()

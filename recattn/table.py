@@ -1,0 +1,436 @@
+"""Results tables from run records: mean ± std over seeds, one row per label.
+
+  python -m recattn.table <study dir | run workdirs ...> [--split=test]
+      [--protocol=full] [--baseline=<label>] [--metrics=hr@10,ndcg@10,...]
+      [--format=md|latex|csv] [--out=<path prefix>]
+
+A positional path holding `runs/` is a study: every workdir under it is used
+(unfinished ones are named in the footer). Runs group into rows by
+`run.json`'s label, else by the workdir name less its `_seed<k>` suffix.
+Runs whose data or evaluation protocol differ are refused, never mixed.
+The output depends only on the run records and the command, byte for byte,
+so a committed table is regenerated exactly by the command in its footer.
+"""
+
+import csv
+import dataclasses
+import io
+import json
+import os
+import re
+import shlex
+import statistics
+import sys
+
+from absl import app
+from absl import flags
+
+DEFAULT_METRICS = ("hr@10", "hr@50", "hr@200", "ndcg@10", "ndcg@50",
+                   "ndcg@200", "mrr")
+# Fields that define the data and the evaluation protocol: runs that differ
+# in any of them cannot share a table. (data.max_len is a model choice.)
+DATA_FIELDS = ("name", "builder", "version", "config", "preprocessing",
+               "users", "items", "interactions", "synthetic", "source_sha256")
+PROTOCOL_FIELDS = ("data.name", "eval.filter_seen", "eval.num_negatives",
+                   "eval.negatives", "eval.select_metric")
+# Config fields allowed to differ between the seeds of one row.
+PER_RUN_FIELDS = ("seed", "progress", "data.data_dir", "data.manual_dir")
+_SEED_SUFFIX = re.compile(r"_{1,2}seed\d+$")
+
+
+class TableError(ValueError):
+  """Runs that cannot be put in one table; the message names why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One finished run's records. `path` is as reached from the command."""
+  path: str
+  label: str
+  seed: int
+  config: dict
+  env: dict
+  data_card: dict
+  final: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """A label's runs, summarised. Stats map metric -> (mean, std or None)."""
+  label: str
+  seeds: tuple[int, ...]
+  stats: dict
+  rel: dict  # metric -> relative change of the mean vs baseline, or None
+  num_params: tuple[int, ...]  # distinct values over seeds
+  s_per_epoch: float | None
+  peak_bytes: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+  """What the renderers draw: rows, the columns' keys, notes and command."""
+  rows: list[Row]
+  split: str
+  protocol: str
+  metrics: list[str]
+  notes: list[str]  # the footer, one sentence group per line
+  command: str  # regenerates this output exactly
+
+
+def _read_json(path: str) -> dict:
+  with open(path) as f:
+    return json.load(f)
+
+
+def _get(d: dict, dotted: str):
+  for key in dotted.split("."):
+    if not isinstance(d, dict) or key not in d:
+      return "<missing>"
+    d = d[key]
+  return d
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def load_run(path: str) -> Run:
+  """Reads one finished workdir (final_metrics.json must exist)."""
+  meta = (_read_json(os.path.join(path, "run.json"))
+          if os.path.exists(os.path.join(path, "run.json")) else {})
+  try:
+    config = _read_json(os.path.join(path, "config.json"))
+    card = _read_json(os.path.join(path, "data_card.json"))
+    env = _read_json(os.path.join(path, "env.json"))
+    final = _read_json(os.path.join(path, "final_metrics.json"))
+  except FileNotFoundError as e:
+    raise TableError(f"run {path} lacks {os.path.basename(e.filename)}")
+  card = dict(card, source_sha256=sorted(
+      f.get("sha256") for f in card.get("source_files") or []))
+  name = os.path.basename(os.path.normpath(path))
+  return Run(path=path, label=meta.get("label") or _SEED_SUFFIX.sub("", name),
+             seed=int(meta.get("seed", config.get("seed", 0))),
+             config=config, env=env, data_card=card, final=final)
+
+
+def find_runs(paths: list[str]) -> tuple[list[Run], list[str]]:
+  """Expands studies into workdirs; returns (finished runs, unfinished paths).
+
+  Study workdirs are taken in name order; explicit workdirs in the order
+  given. The same workdir reached twice is used once.
+  """
+  workdirs = []
+  for p in paths:
+    p = os.path.normpath(p)
+    if not os.path.isdir(p):
+      raise TableError(f"{p} is not a directory")
+    if os.path.isdir(os.path.join(p, "runs")):
+      runs_dir = os.path.join(p, "runs")
+      workdirs += [os.path.join(runs_dir, n) for n in sorted(os.listdir(
+          runs_dir)) if os.path.isdir(os.path.join(runs_dir, n))]
+    else:
+      workdirs.append(p)
+  seen, runs, unfinished = set(), [], []
+  for w in workdirs:
+    if os.path.realpath(w) in seen:
+      continue
+    seen.add(os.path.realpath(w))
+    if os.path.exists(os.path.join(w, "final_metrics.json")):
+      runs.append(load_run(w))
+    else:
+      unfinished.append(w)
+  if not runs:
+    raise TableError(f"no finished runs (final_metrics.json) in {paths}")
+  return runs, unfinished
+
+
+def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
+  """Label -> its runs sorted by seed; labels in order of first appearance."""
+  groups = {}
+  for r in runs:
+    groups.setdefault(r.label, []).append(r)
+  for label, members in groups.items():
+    members.sort(key=lambda r: (r.seed, r.path))
+    first = _flatten(members[0].config)
+    for a, b in zip(members, members[1:]):
+      if a.seed == b.seed:
+        raise TableError(f"runs {a.path} and {b.path} of row {label!r} "
+                         f"have the same seed {a.seed}")
+    for r in members[1:]:
+      other = _flatten(r.config)
+      for key in sorted(set(first) | set(other)):
+        if key not in PER_RUN_FIELDS and first.get(key) != other.get(key):
+          raise TableError(
+              f"runs {members[0].path} and {r.path} of row {label!r} differ "
+              f"in config.{key} ({first.get(key)!r} vs {other.get(key)!r})")
+  return groups
+
+
+def check_comparable(runs: list[Run], split: str, protocol: str,
+                     metrics: list[str]) -> None:
+  """Raises TableError if the runs' data or protocol differ, or a metric lacks.
+  """
+  ref = runs[0]
+  for r in runs:
+    for field in DATA_FIELDS:
+      a, b = ref.data_card.get(field), r.data_card.get(field)
+      if a != b:
+        raise TableError(f"runs {ref.path} and {r.path} differ in "
+                         f"data_card.{field} ({a!r} vs {b!r})")
+    for field in PROTOCOL_FIELDS:
+      a, b = _get(ref.config, field), _get(r.config, field)
+      if a != b:
+        raise TableError(f"runs {ref.path} and {r.path} differ in "
+                         f"config.{field} ({a!r} vs {b!r})")
+    for m in metrics:
+      if f"{split}/{protocol}/{m}" not in r.final:
+        have = sorted({k.split("/")[1] for k in r.final
+                       if k.startswith(f"{split}/")})
+        raise TableError(f"run {r.path} has no {split}/{protocol}/{m} in "
+                         f"final_metrics.json (protocols there: {have})")
+
+
+def compute_rows(groups: dict[str, list[Run]], split: str, protocol: str,
+                 metrics: list[str], baseline: str) -> list[Row]:
+  """Mean and sample std (ddof=1) over seeds; relative change vs baseline."""
+  if baseline not in groups:
+    raise TableError(f"--baseline={baseline!r}; rows: {list(groups)}")
+  means = {}
+  for label, runs in groups.items():
+    for m in metrics:
+      means[label, m] = statistics.fmean(
+          r.final[f"{split}/{protocol}/{m}"] for r in runs)
+  rows = []
+  for label, runs in groups.items():
+    stats, rel = {}, {}
+    for m in metrics:
+      values = [r.final[f"{split}/{protocol}/{m}"] for r in runs]
+      stats[m] = (means[label, m],
+                  statistics.stdev(values) if len(values) > 1 else None)
+      base = means[baseline, m]
+      rel[m] = (None if label == baseline or base == 0 else
+                (means[label, m] - base) / base)
+    epoch_s = [r.final["train/s_per_epoch"] for r in runs
+               if "train/s_per_epoch" in r.final]
+    peaks = [r.final["train/peak_bytes"] for r in runs
+             if "train/peak_bytes" in r.final]
+    rows.append(Row(
+        label=label, seeds=tuple(r.seed for r in runs), stats=stats, rel=rel,
+        num_params=tuple(sorted({int(r.final["train/num_params"])
+                                 for r in runs if "train/num_params" in r.final
+                                 })),
+        s_per_epoch=statistics.fmean(epoch_s) if epoch_s else None,
+        peak_bytes=int(max(peaks)) if len(peaks) == len(runs) else None))
+  return rows
+
+
+def footer_notes(runs: list[Run], unfinished: list[str], split: str,
+                 protocol: str, baseline: str) -> list[str]:
+  """What a reader needs to interpret the numbers: data, split, protocol."""
+  card, ev = runs[0].data_card, runs[0].config.get("eval", {})
+  prep = ", ".join(f"{k}={v}" for k, v in sorted(
+      (card.get("preprocessing") or {}).items()))
+  sampled = re.fullmatch(r"sampled_([a-z]+)(\d+)", protocol)
+  candidates = (f"positive + {sampled[2]} {sampled[1]} negatives per user, "
+                "none the user interacted with" if sampled else
+                f"full ranking over all {card.get('items', 0):,} items")
+  devices = sorted({f"{r.env.get('device_count')} x {r.env.get('device_kind')}"
+                    f" (jax {r.env.get('packages', {}).get('jax')})"
+                    for r in runs})
+  commits = sorted({str(r.env.get("commit", "unknown"))[:7] +
+                    ("-dirty" if "dirty" in str(r.env.get("commit")) else "")
+                    for r in runs})
+  lines = [
+      f"Data: {card.get('name')} (builder {card.get('builder')} "
+      f"{card.get('version')}, config {card.get('config')}; preprocessing "
+      f"{prep}): {card.get('users', 0):,} users, {card.get('items', 0):,} "
+      f"items, {card.get('interactions', 0):,} interactions.",
+      "Split: leave-one-out per user (validation = second-to-last item, "
+      f"test = last); numbers are {split}; checkpoint selected on "
+      f"{ev.get('select_metric')}.",
+      f"Candidates ({protocol}): {candidates}.",
+      "Seen items: " + ("removed from full ranking (eval.filter_seen=true)."
+                        if ev.get("filter_seen") else
+                        "kept in full ranking (eval.filter_seen=false)."),
+      "Cells: mean ± sample std (ddof=1) over n seeds, no std where n = 1; "
+      f"(+x%) = change of the mean relative to row {baseline}; s/epoch = "
+      "median epoch seconds, mean over seeds; peak = compiled train-step "
+      "memory estimate.",
+      f"Devices: {', '.join(devices)}. Commits: {', '.join(commits)}.",
+  ]
+  if unfinished:
+    lines.append("Unfinished (no final_metrics.json, not in the table): "
+                 + ", ".join(unfinished) + ".")
+  return lines
+
+
+def _parts(row: Row, m: str) -> tuple[str, str | None, str | None]:
+  """(mean, std or None where n = 1, signed percent or None) as text."""
+  mean, std = row.stats[m]
+  rel = row.rel[m]
+  # Round first, then add 0.0, so a change that rounds to zero prints +0.0.
+  pct = None if rel is None else f"{round(100 * rel, 1) + 0.0:+.1f}"
+  return f"{mean:.4f}", None if std is None else f"{std:.4f}", pct
+
+
+def _opt(x, fmt: str) -> str:
+  return "" if x is None else format(x, fmt)
+
+
+def _totals(row: Row, dash: str) -> list[str]:
+  """params (a range if seeds differ), s/epoch, peak MiB."""
+  return [dash.join(f"{p:,}" for p in row.num_params),
+          _opt(row.s_per_epoch, ".1f"),
+          _opt(row.peak_bytes and row.peak_bytes / 2**20, ".1f")]
+
+
+def _header(t: Table) -> list[str]:
+  return (["label", "n"] + [f"{t.split} {t.protocol} {m.upper()}"
+                            for m in t.metrics] +
+          ["params", "s/epoch", "peak MiB"])
+
+
+def render_markdown(t: Table) -> str:
+  """GitHub Markdown table with a bullet-list footer."""
+  head = _header(t)
+  lines = ["| " + " | ".join(head) + " |",
+           "|---|" + "---:|" * (len(head) - 1)]
+  for row in t.rows:
+    cells = [f"`{row.label}`", str(len(row.seeds))]
+    for m in t.metrics:
+      mean, std, pct = _parts(row, m)
+      cells.append(mean + (f" ± {std}" if std else "") +
+                   (f" ({pct}%)" if pct else ""))
+    cells += _totals(row, "–")
+    lines.append("| " + " | ".join(c.replace("|", r"\|") for c in cells)
+                 + " |")
+  lines += [""] + [f"- {l}" for l in t.notes]
+  return "\n".join(lines + [f"- Regenerate: `{t.command}`"]) + "\n"
+
+
+_TEX = {"\\": r"\textbackslash{}", "~": r"\textasciitilde{}", "^": r"\^{}",
+        "±": r"$\pm$", **{c: "\\" + c for c in "&%$#_{}"}}
+
+
+def _tex(s: str) -> str:
+  return "".join(_TEX.get(c, c) for c in s)
+
+
+def render_latex(t: Table) -> str:
+  """A booktabs table; the footer as % comment lines and as the caption."""
+  head = [_tex(h) for h in _header(t)]
+  lines = [f"% {l}" for l in t.notes + [f"Regenerate: {t.command}"]] + [
+      r"\begin{table}", r"\centering",
+      r"\begin{tabular}{l" + "r" * (len(head) - 1) + "}", r"\toprule",
+      " & ".join(head) + r" \\", r"\midrule"]
+  for row in t.rows:
+    cells = [r"\texttt{" + _tex(row.label) + "}", str(len(row.seeds))]
+    for m in t.metrics:
+      mean, std, pct = _parts(row, m)
+      cells.append(f"${mean}" + (rf" \pm {std}" if std else "") + "$" +
+                   (rf" ({pct}\%)" if pct else ""))
+    cells += _totals(row, "--")
+    lines.append(" & ".join(cells) + r" \\")
+  lines += [r"\bottomrule", r"\end{tabular}",
+            r"\caption{" + _tex(" ".join(t.notes)) + "}", r"\end{table}"]
+  return "\n".join(lines) + "\n"
+
+
+def render_csv(t: Table) -> str:
+  """One line per row, plain numbers; the footer as trailing `# ` lines."""
+  buf = io.StringIO()
+  w = csv.writer(buf, lineterminator="\n")
+  w.writerow(["label", "n", "seeds"] +
+             [f"{t.split}/{t.protocol}/{m}_{s}" for m in t.metrics
+              for s in ("mean", "std", "rel_pct")] +
+             ["num_params", "s_per_epoch", "peak_bytes"])
+  for row in t.rows:
+    values = []
+    for m in t.metrics:
+      values += [v or "" for v in _parts(row, m)]
+    w.writerow([row.label, len(row.seeds), " ".join(map(str, row.seeds))] +
+               values + ["-".join(map(str, row.num_params)),
+                         _opt(row.s_per_epoch, ".2f"),
+                         _opt(row.peak_bytes, "d")])
+  return buf.getvalue() + "".join(
+      f"# {l}\n" for l in t.notes + [f"Regenerate: {t.command}"])
+
+
+RENDERERS = {"md": render_markdown, "latex": render_latex, "csv": render_csv}
+EXTENSIONS = {"md": "md", "latex": "tex", "csv": "csv"}
+
+
+def command_line(paths, split, protocol, baseline, metrics, fmt, out) -> str:
+  """The command that regenerates this output, every option spelled out."""
+  args = ["python", "-m", "recattn.table"] + [os.path.normpath(p)
+                                              for p in paths]
+  args += [f"--split={split}", f"--protocol={protocol}",
+           f"--baseline={baseline}", f"--metrics={','.join(metrics)}"]
+  args.append(f"--out={out}" if out else f"--format={fmt}")
+  return shlex.join(args)
+
+
+def make_tables(paths: list[str], split: str = "test",
+                protocol: str = "full", baseline: str | None = None,
+                metrics=DEFAULT_METRICS, fmt: str = "md",
+                out: str | None = None) -> dict[str, str]:
+  """Loads, checks, summarises and renders: {format: text}.
+
+  All three formats when `out` is set, else `fmt` only. `baseline` None
+  means the first row.
+  """
+  metrics = list(metrics)
+  runs, unfinished = find_runs(paths)
+  check_comparable(runs, split, protocol, metrics)
+  groups = group_runs(runs)
+  baseline = baseline or next(iter(groups))
+  rows = compute_rows(groups, split, protocol, metrics, baseline)
+  table = Table(
+      rows=rows, split=split, protocol=protocol, metrics=metrics,
+      notes=footer_notes(runs, unfinished, split, protocol, baseline),
+      command=command_line(paths, split, protocol, baseline, metrics, fmt,
+                           out))
+  return {f: RENDERERS[f](table) for f in (RENDERERS if out else [fmt])}
+
+
+_SPLIT = flags.DEFINE_enum("split", "test", ["valid", "test"],
+                           "Which split's metrics.")
+_PROTOCOL = flags.DEFINE_string(
+    "protocol", "full", "full | sampled_<uniform|popularity><N>.")
+_BASELINE = flags.DEFINE_string(
+    "baseline", None, "Label of the row relative changes refer to "
+    "(default: the first row).")
+_METRICS = flags.DEFINE_list("metrics", list(DEFAULT_METRICS),
+                             "Metric names, e.g. hr@10,ndcg@10,mrr.")
+_FORMAT = flags.DEFINE_enum("format", "md", list(RENDERERS),
+                            "Format printed to stdout (without --out).")
+_OUT = flags.DEFINE_string(
+    "out", None, "Writes <out>.md, <out>.tex and <out>.csv instead.")
+
+
+def main(argv):
+  if len(argv) < 2:
+    raise app.UsageError("give a study directory or run workdirs")
+  try:
+    tables = make_tables(argv[1:], _SPLIT.value, _PROTOCOL.value,
+                         _BASELINE.value, _METRICS.value, _FORMAT.value,
+                         _OUT.value)
+  except TableError as e:
+    raise SystemExit(f"error: {e}") from None
+  if not _OUT.value:
+    sys.stdout.write(tables[_FORMAT.value])
+    return
+  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
+  for fmt, text in tables.items():
+    with open(f"{_OUT.value}.{EXTENSIONS[fmt]}", "w") as f:
+      f.write(text)
+
+
+if __name__ == "__main__":
+  app.run(main)
