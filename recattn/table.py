@@ -82,14 +82,6 @@ def _read_json(path: str) -> dict:
     return json.load(f)
 
 
-def _get(d: dict, dotted: str):
-  for key in dotted.split("."):
-    if not isinstance(d, dict) or key not in d:
-      return "<missing>"
-    d = d[key]
-  return d
-
-
 def _flatten(d: dict, prefix: str = "") -> dict:
   out = {}
   for k, v in d.items():
@@ -110,7 +102,8 @@ def load_run(path: str) -> Run:
     env = _read_json(os.path.join(path, "env.json"))
     final = _read_json(os.path.join(path, "final_metrics.json"))
   except FileNotFoundError as e:
-    raise TableError(f"run {path} lacks {os.path.basename(e.filename)}")
+    raise TableError(
+        f"run {path} lacks {os.path.basename(e.filename)}") from None
   card = dict(card, source_sha256=sorted(
       f.get("sha256") for f in card.get("source_files") or []))
   name = os.path.basename(os.path.normpath(path))
@@ -150,44 +143,57 @@ def find_runs(paths: list[str]) -> tuple[list[Run], list[str]]:
   return runs, unfinished
 
 
+def _first_difference(a: dict, b: dict, skip=()) -> str | None:
+  for key in sorted(set(a) | set(b)):
+    if key not in skip and a.get(key, "<missing>") != b.get(key, "<missing>"):
+      return key
+  return None
+
+
 def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
-  """Label -> its runs sorted by seed; labels in order of first appearance."""
+  """Label -> its runs sorted by seed; labels in order of first appearance.
+
+  The seeds of a row must differ, and so must nothing else in their configs:
+  a label that hides a config difference would average unlike runs.
+  """
   groups = {}
   for r in runs:
     groups.setdefault(r.label, []).append(r)
   for label, members in groups.items():
     members.sort(key=lambda r: (r.seed, r.path))
-    first = _flatten(members[0].config)
-    for a, b in zip(members, members[1:]):
-      if a.seed == b.seed:
-        raise TableError(f"runs {a.path} and {b.path} of row {label!r} "
-                         f"have the same seed {a.seed}")
-    for r in members[1:]:
+    ref = _flatten(members[0].config)
+    for prev, r in zip(members, members[1:]):
+      if prev.seed == r.seed:
+        raise TableError(f"runs {prev.path} and {r.path} of row {label!r} "
+                         f"have the same seed {r.seed}")
       other = _flatten(r.config)
-      for key in sorted(set(first) | set(other)):
-        if key not in PER_RUN_FIELDS and first.get(key) != other.get(key):
-          raise TableError(
-              f"runs {members[0].path} and {r.path} of row {label!r} differ "
-              f"in config.{key} ({first.get(key)!r} vs {other.get(key)!r})")
+      key = _first_difference(ref, other, skip=PER_RUN_FIELDS)
+      if key:
+        raise TableError(
+            f"runs {members[0].path} and {r.path} of row {label!r} differ in "
+            f"config.{key} ({ref.get(key)!r} vs {other.get(key)!r})")
   return groups
+
+
+def _identity(run: Run) -> dict:
+  """The fields that must agree across a table: its data and protocol."""
+  out = {f"data_card.{f}": run.data_card.get(f) for f in DATA_FIELDS}
+  config = _flatten(run.config)
+  out.update({f"config.{f}": config.get(f, "<missing>")
+              for f in PROTOCOL_FIELDS})
+  return out
 
 
 def check_comparable(runs: list[Run], split: str, protocol: str,
                      metrics: list[str]) -> None:
-  """Raises TableError if the runs' data or protocol differ, or a metric lacks.
-  """
-  ref = runs[0]
+  """Raises TableError if data or protocol differ, or a metric is missing."""
+  ref = _identity(runs[0])
   for r in runs:
-    for field in DATA_FIELDS:
-      a, b = ref.data_card.get(field), r.data_card.get(field)
-      if a != b:
-        raise TableError(f"runs {ref.path} and {r.path} differ in "
-                         f"data_card.{field} ({a!r} vs {b!r})")
-    for field in PROTOCOL_FIELDS:
-      a, b = _get(ref.config, field), _get(r.config, field)
-      if a != b:
-        raise TableError(f"runs {ref.path} and {r.path} differ in "
-                         f"config.{field} ({a!r} vs {b!r})")
+    other = _identity(r)
+    key = _first_difference(ref, other)
+    if key:
+      raise TableError(f"runs {runs[0].path} and {r.path} differ in {key} "
+                       f"({ref[key]!r} vs {other[key]!r})")
     for m in metrics:
       if f"{split}/{protocol}/{m}" not in r.final:
         have = sorted({k.split("/")[1] for k in r.final
@@ -196,36 +202,34 @@ def check_comparable(runs: list[Run], split: str, protocol: str,
                          f"final_metrics.json (protocols there: {have})")
 
 
+def _recorded(runs: list[Run], key: str) -> list:
+  return [r.final[key] for r in runs if key in r.final]
+
+
 def compute_rows(groups: dict[str, list[Run]], split: str, protocol: str,
                  metrics: list[str], baseline: str) -> list[Row]:
   """Mean and sample std (ddof=1) over seeds; relative change vs baseline."""
   if baseline not in groups:
-    raise TableError(f"--baseline={baseline!r}; rows: {list(groups)}")
-  means = {}
-  for label, runs in groups.items():
-    for m in metrics:
-      means[label, m] = statistics.fmean(
-          r.final[f"{split}/{protocol}/{m}"] for r in runs)
+    raise TableError(f"--baseline={baseline!r} is not a row; rows: "
+                     f"{list(groups)}")
+  values = {(label, m): [r.final[f"{split}/{protocol}/{m}"] for r in runs]
+            for label, runs in groups.items() for m in metrics}
   rows = []
   for label, runs in groups.items():
     stats, rel = {}, {}
     for m in metrics:
-      values = [r.final[f"{split}/{protocol}/{m}"] for r in runs]
-      stats[m] = (means[label, m],
-                  statistics.stdev(values) if len(values) > 1 else None)
-      base = means[baseline, m]
-      rel[m] = (None if label == baseline or base == 0 else
-                (means[label, m] - base) / base)
-    epoch_s = [r.final["train/s_per_epoch"] for r in runs
-               if "train/s_per_epoch" in r.final]
-    peaks = [r.final["train/peak_bytes"] for r in runs
-             if "train/peak_bytes" in r.final]
+      v = values[label, m]
+      mean, base = statistics.fmean(v), statistics.fmean(values[baseline, m])
+      stats[m] = (mean, statistics.stdev(v) if len(v) > 1 else None)
+      rel[m] = None if label == baseline or not base else (mean - base) / base
+    epoch_s = _recorded(runs, "train/s_per_epoch")
+    peaks = _recorded(runs, "train/peak_bytes")
+    params = {int(p) for p in _recorded(runs, "train/num_params")}
     rows.append(Row(
         label=label, seeds=tuple(r.seed for r in runs), stats=stats, rel=rel,
-        num_params=tuple(sorted({int(r.final["train/num_params"])
-                                 for r in runs if "train/num_params" in r.final
-                                 })),
+        num_params=tuple(sorted(params)),
         s_per_epoch=statistics.fmean(epoch_s) if epoch_s else None,
+        # Blank unless every seed recorded it (older runs did not).
         peak_bytes=int(max(peaks)) if len(peaks) == len(runs) else None))
   return rows
 

@@ -1,0 +1,341 @@
+"""Runs a study's sweep: every (config, overrides, seed), one after another.
+
+  python -m recattn.sweep --sweep=experiments/<study>/sweep.py \
+      [--root=<dir>] [--list] [--only=<substring>] [--dry_run]
+
+Run it from the repository root: config paths are relative to it. The sweep
+file defines `get_sweep()`, returning one group or a list of groups:
+
+  {"name": "003_linear_attention",                  # study, in run.json
+   "configs": ["configs/sasrec_ml1m.py", "configs/hstu_ml1m.py:large"],
+   "overrides": [{}, {"model.attention": "linear"}],  # default [{}]
+   "seeds": [0, 1, 2],                              # default [0]
+   "common": {"num_epochs": 50}}                    # every run; default {}
+
+Runs are configs x overrides x seeds in that order, groups joined in order
+without duplicates. Each run trains in `<root>/<name>` (root: `runs/` beside
+the sweep file) through `python -m recattn.main`, its output appended to
+`log.txt` and its `run.json` (study, label, seed, config, overrides, command)
+written first. Runs with `final_metrics.json` are skipped; interrupted ones
+resume. Every run's config is built and validated before the first starts.
+"""
+
+import dataclasses
+import datetime
+import difflib
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+from ml_collections import config_dict
+from ml_collections import config_flags
+
+from recattn import config_check
+
+_SWEEP = flags.DEFINE_string("sweep", None, "Sweep file defining get_sweep().")
+_ROOT = flags.DEFINE_string("root", None, "Run directories; default: "
+                            "`runs/` beside the sweep file.")
+_LIST = flags.DEFINE_bool("list", False, "Print one shell command per run.")
+_ONLY = flags.DEFINE_string("only", None, "Keep runs whose name contains it.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print what would run.")
+flags.mark_flag_as_required("sweep")
+
+_KEYS = ("name", "configs", "overrides", "seeds", "common")
+_VALUE_TYPES = (bool, int, float, str, tuple, list)
+_MAX_LABEL = 120  # characters; with "__seed<k>" a name stays under 150
+
+
+class SweepError(ValueError):
+  """A malformed sweep or run; the message names the file and the problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """One training run of a sweep."""
+  study: str
+  config: str  # `configs/<name>.py[:arg]`
+  overrides: dict  # field -> value: common, then this run's; without seed
+  seed: int
+  label: str  # the name without the seed: one row of a results table
+  workdir: str
+
+  @property
+  def name(self) -> str:
+    return os.path.basename(self.workdir)
+
+  @property
+  def config_flags(self) -> list[str]:
+    fields = {**dict(sorted(self.overrides.items())), "seed": self.seed}
+    return [f"--config={self.config}"] + [
+        f"--config.{k}={format_value(v)}" for k, v in fields.items()]
+
+  @property
+  def command(self) -> list[str]:
+    first, *rest = self.config_flags
+    return [sys.executable, "-m", "recattn.main", first,
+            f"--workdir={self.workdir}", *rest]
+
+  def record(self) -> dict:
+    """The contents of `run.json`, as JSON reads them back."""
+    return json.loads(json.dumps({
+        "study": self.study, "label": self.label, "seed": self.seed,
+        "config": self.config, "overrides": self.overrides,
+        "command": self.command}))
+
+  def finished(self) -> bool:
+    return os.path.exists(os.path.join(self.workdir, "final_metrics.json"))
+
+
+def format_value(value) -> str:
+  """Formats an override value the way ml_collections' config flags parse."""
+  return repr(tuple(value)) if isinstance(value, (tuple, list)) else str(value)
+
+
+def run_label(config: str, overrides: dict) -> str:
+  """`<config stem>[_<arg>][__<k>=<v>,...]`, safe for file names.
+
+  Keys are sorted. A name that had to be altered (unsafe characters) or cut
+  (longer than _MAX_LABEL) ends in a hash of the config and overrides, so
+  distinct runs keep distinct names.
+  """
+  path, _, arg = config.partition(":")
+  stem = os.path.splitext(os.path.basename(path))[0] + (f"_{arg}" if arg
+                                                        else "")
+  parts = [f"{k}={'-'.join(map(str, v)) if isinstance(v, (tuple, list)) else v}"
+           for k, v in sorted(overrides.items())]
+  raw = "__".join([stem, ",".join(parts)] if parts else [stem])
+  label = re.sub(r"[^A-Za-z0-9._,=+-]", "-", raw)
+  if label != raw or len(label) > _MAX_LABEL:
+    key = json.dumps([config, sorted(overrides.items())])
+    digest = hashlib.sha1(key.encode()).hexdigest()[:8]
+    label = f"{label[:_MAX_LABEL - 9]}-{digest}"
+  return label
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise SweepError(message)
+
+
+def _check_fields(where: str, fields, what: str) -> None:
+  _require(isinstance(fields, dict), f"{where}: {what} must be a dict, got "
+           f"{fields!r}")
+  for field, value in fields.items():
+    _require(isinstance(field, str) and field not in ("", "seed") and
+             not field.startswith("config."),
+             f"{where}: {what} has field {field!r}; fields are config paths "
+             "like 'model.attention', seeds go in 'seeds'")
+    _require(isinstance(value, _VALUE_TYPES),
+             f"{where}: {what} sets {field}={value!r}; values are ints, "
+             "floats, bools, strings or tuples")
+
+
+def _check_group(where: str, group) -> None:
+  """Raises SweepError for the first problem of one group of a sweep file."""
+  _require(isinstance(group, dict), f"{where}: a group must be a dict, got "
+           f"{group!r}")
+  unknown = sorted(set(group) - set(_KEYS))
+  _require(not unknown, f"{where}: unknown key(s) {unknown}; allowed: "
+           f"{list(_KEYS)}")
+  _require(isinstance(group.get("name"), str) and group["name"],
+           f"{where}: 'name' must be a non-empty string")
+  for key, kind in (("configs", str), ("overrides", dict), ("seeds", int)):
+    items = group.get(key, [] if key == "configs" else [None])
+    _require(isinstance(items, list) and items, f"{where}: '{key}' must be a "
+             f"non-empty list of {kind.__name__}s, got {items!r}")
+  for config in group["configs"]:
+    _require(isinstance(config, str) and os.path.isfile(
+        config.partition(":")[0]), f"{where}: config file {config!r} not "
+             f"found (paths are relative to the working directory)")
+  for i, fields in enumerate(group.get("overrides", [{}])):
+    _check_fields(where, fields, f"'overrides'[{i}]")
+  _check_fields(where, group.get("common", {}), "'common'")
+  seeds = group.get("seeds", [0])
+  _require(all(type(seed) is int for seed in seeds),
+           f"{where}: 'seeds' must be ints, got {seeds!r}")
+  _require(len(set(seeds)) == len(seeds),
+           f"{where}: 'seeds' has duplicates: {seeds}")
+
+
+def load_runs(sweep_path: str, root: str | None = None) -> list[Run]:
+  """Reads a sweep file and expands it into runs, in order, deduplicated."""
+  _require(os.path.isfile(sweep_path), f"{sweep_path}: no such file")
+  spec = importlib.util.spec_from_file_location("recattn_sweep_file",
+                                                sweep_path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+    get_sweep = getattr(module, "get_sweep", None)
+    if not callable(get_sweep):
+      raise SweepError(f"{sweep_path}: defines no get_sweep()")
+    groups = get_sweep()
+  except SweepError:
+    raise
+  except Exception as e:  # The file is user code: one line, no traceback.
+    raise SweepError(f"{sweep_path}: {type(e).__name__}: {e}") from e
+  single = isinstance(groups, dict)
+  groups = [groups] if single else groups
+  _require(isinstance(groups, list) and groups, f"{sweep_path}: get_sweep() "
+           "must return a dict or a non-empty list of dicts")
+  for i, group in enumerate(groups, 1):
+    _check_group(sweep_path if single else f"{sweep_path}: group {i}", group)
+
+  root = root or os.path.join(os.path.dirname(sweep_path), "runs")
+  runs, seen, labels = [], set(), {}
+  for group in groups:
+    for config in group["configs"]:
+      for overrides in group.get("overrides", [{}]):
+        label = run_label(config, overrides)
+        merged = {**group.get("common", {}), **overrides}
+        # A label is one table row: its seeds must share everything else.
+        first = labels.setdefault(label, (config, merged))
+        _require(first == (config, merged), f"{sweep_path}: runs "
+                 f"{first} and {(config, merged)} would share the name "
+                 f"{label}; make their difference part of 'overrides'")
+        for seed in group.get("seeds", [0]):
+          if (label, seed) not in seen:
+            seen.add((label, seed))
+            runs.append(Run(group["name"], config, merged, seed, label,
+                            os.path.join(root, f"{label}__seed{seed}")))
+  return runs
+
+
+def _parse_config(flag_args: list[str]) -> config_dict.ConfigDict:
+  """Builds a config exactly as recattn.main's --config flags would."""
+  argv = ["recattn.main", *flag_args]
+  flag_values = flags.FlagValues()
+  holder = config_flags.DEFINE_config_file(
+      "config", None, "", flag_values=flag_values, lock_config=True,
+      sys_argv=argv)
+  flag_values(argv)
+  return holder.value
+
+
+def _fields(config: config_dict.ConfigDict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in config.items():
+    if isinstance(value, config_dict.ConfigDict):
+      out.update(_fields(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def check(runs: list[Run], sweep_path: str) -> None:
+  """Builds and validates every run's config; checks earlier run.json files.
+
+  Raises:
+    SweepError: naming the sweep file, the run and the problem.
+  """
+  defaults = {}
+  for run in runs:
+    where = f"{sweep_path}: run {run.name}"
+    try:
+      if run.config not in defaults:
+        defaults[run.config] = _fields(
+            _parse_config([f"--config={run.config}"]))
+      known = defaults[run.config]
+      for field in run.overrides:
+        if field not in known:
+          close = difflib.get_close_matches(field, known, 3)
+          raise SweepError(f"{where}: {run.config} has no field {field!r}" +
+                           (f"; did you mean {close}?" if close else ""))
+      config = _parse_config(run.config_flags)
+      config_check.validate(config)
+    except flags.Error as e:
+      raise SweepError(f"{where}: {str(e).strip().splitlines()[-1]}") from e
+    except config_check.ConfigError as e:
+      raise SweepError(f"{where}: {e}") from e
+    values = _fields(config)
+    for field, value in run.overrides.items():
+      got = values[field]
+      if got != (tuple(value) if isinstance(value, list) else value):
+        raise SweepError(f"{where}: {field}={value!r} reads back as {got!r}; "
+                         f"the field holds a {type(got).__name__}")
+    path = os.path.join(run.workdir, "run.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        old, new = json.load(f), run.record()
+      diff = {k: (old.get(k), new[k]) for k in ("config", "overrides", "seed")
+              if old.get(k) != new[k]}
+      if diff:
+        raise SweepError(f"{where}: {path} records a different run "
+                         f"(old, new: {diff}); remove {run.workdir} to redo it")
+
+
+def _clock(seconds: float) -> str:
+  return f"{int(seconds // 3600)}:{int(seconds % 3600 // 60):02d}"
+
+
+def execute(runs: list[Run]) -> list[Run]:
+  """Runs the unfinished runs one after another; returns the failed ones."""
+  todo = [not run.finished() for run in runs]
+  seconds, failed = [], []
+  for i, run in enumerate(runs, 1):
+    tag = f"[{i}/{len(runs)}] {run.name}:"
+    if not todo[i - 1]:
+      print(f"{tag} skip (done)", flush=True)
+      continue
+    resume = os.path.isdir(os.path.join(run.workdir, "ckpt"))
+    print(f"{tag} start{' (resuming)' if resume else ''}", flush=True)
+    os.makedirs(run.workdir, exist_ok=True)
+    with open(os.path.join(run.workdir, "run.json"), "w") as f:
+      json.dump(run.record(), f, indent=2)
+    t0 = time.time()
+    with open(os.path.join(run.workdir, "log.txt"), "a") as log:
+      log.write(f"=== {datetime.datetime.now().isoformat(timespec='seconds')}"
+                f" {shlex.join(run.command)}\n")
+      log.flush()
+      rc = subprocess.call(run.command, stdout=log, stderr=subprocess.STDOUT)
+      seconds.append(time.time() - t0)
+      log.write(f"=== exit {rc} after {seconds[-1]:.1f} s\n")
+    if rc == 0 and not run.finished():
+      rc = "no final_metrics.json"
+    if rc != 0:
+      failed.append(run)
+    status = "done" if rc == 0 else f"FAILED ({rc})"
+    eta = sum(seconds) / len(seconds) * sum(todo[i:])
+    print(f"{tag} {status} in {seconds[-1]:.1f} s; ETA {_clock(eta)} for the "
+          "rest", flush=True)
+  return failed
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    runs = load_runs(_SWEEP.value, _ROOT.value)
+    if _ONLY.value is not None:
+      runs = [run for run in runs if _ONLY.value in run.name]
+      if not runs:
+        raise SweepError(f"{_SWEEP.value}: no run name contains "
+                         f"{_ONLY.value!r}")
+    check(runs, _SWEEP.value)
+  except SweepError as e:
+    raise SystemExit(f"error: {e}") from None
+  if _LIST.value:
+    print("\n".join(shlex.join(run.command) for run in runs))
+    return
+  if _DRY_RUN.value:
+    for i, run in enumerate(runs, 1):
+      what = ("skip (done)" if run.finished() else "would resume" if
+              os.path.isdir(os.path.join(run.workdir, "ckpt")) else "would run")
+      print(f"[{i}/{len(runs)}] {run.name}: {what}\n"
+            f"  {shlex.join(run.command)}")
+    return
+  failed = execute(runs)
+  if failed:
+    raise SystemExit(f"FAILED {len(failed)} of {len(runs)} runs (see their "
+                     "log.txt):\n" + "\n".join(r.workdir for r in failed))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,266 @@
+"""Sweep runner: run names, expansion order, --list, a real tiny sweep that
+skips finished runs and resumes an interrupted one, and one-line errors for
+bad sweep files and override fields before anything is written."""
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from recattn import sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _in_repo_root(monkeypatch):
+  monkeypatch.chdir(ROOT)  # config paths in sweep files are repo-relative
+
+
+def _sweep_file(tmp_path, body: str) -> str:
+  path = tmp_path / "study" / "sweep.py"
+  path.parent.mkdir(exist_ok=True)
+  path.write_text(textwrap.dedent(body))
+  return str(path)
+
+
+def _cli(tmp_path, *args):
+  env = dict(os.environ, RECATTN_DATA_DIR=str(tmp_path / "tfds"),
+             # Seeds of one override set compile the same programs.
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+  return subprocess.run([sys.executable, "-m", "recattn.sweep", *args],
+                        cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=600)
+
+
+def test_names_are_readable_with_sorted_keys():
+  label = sweep.run_label("configs/sasrec_ml1m.py", {
+      "model.attn.linear_feature": "l2", "model.attention": "linear"})
+  assert label == ("sasrec_ml1m__model.attention=linear,"
+                   "model.attn.linear_feature=l2")
+  assert sweep.run_label("configs/hstu_ml1m.py:large", {}) == "hstu_ml1m_large"
+  assert sweep.run_label("configs/test.py", {
+      "optimizer.lr": 0.003, "model.attn.din_hidden": (8, 4),
+      "eval.filter_seen": True}) == ("test__eval.filter_seen=True,model.attn."
+                                     "din_hidden=8-4,optimizer.lr=0.003")
+
+
+def test_altered_or_long_names_end_in_a_stable_hash():
+  unsafe = sweep.run_label("configs/test.py", {"data.data_dir": "/tmp/a b"})
+  # Pinned: a changed scheme would orphan the workdirs of earlier sweeps.
+  assert unsafe == "test__data.data_dir=-tmp-a-b-210982bb"
+  assert sweep.run_label("configs/test.py", {"data.data_dir": "-tmp-a-b"}) == (
+      "test__data.data_dir=-tmp-a-b")
+  fields = {f"model.attn.option_{i}": "x" * 20 for i in range(10)}
+  long = sweep.run_label("configs/test.py", fields)
+  other = sweep.run_label("configs/test.py", {**fields,
+                                              "model.attn.option_9": "y"})
+  assert long == sweep.run_label("configs/test.py",
+                                 dict(reversed(fields.items())))
+  assert long != other and long[:100] == other[:100]
+  assert len(f"{long}__seed99999") < 150
+  assert all(re.fullmatch(r"[\w.,=+-]+", n) for n in (unsafe, long, other))
+
+
+def test_runs_nest_configs_overrides_seeds_and_groups_join_without_repeats(
+    tmp_path):
+  path = _sweep_file(tmp_path, """
+      def get_sweep():
+        common = {"num_epochs": 1}
+        return [
+            {"name": "s", "configs": ["configs/test.py",
+                                      "configs/sasrec_ml1m.py:paper"],
+             "overrides": [{}, {"model.attention": "linear"}],
+             "seeds": [0, 1], "common": common},
+            {"name": "s", "configs": ["configs/test.py"],
+             "overrides": [{"model.attention": "linear"},
+                           {"model.attention": "dot"}],
+             "seeds": [1, 2], "common": common},
+        ]
+      """)
+  runs = sweep.load_runs(path)
+  lin, dot = "__model.attention=linear", "__model.attention=dot"
+  assert [r.name for r in runs] == [
+      "test__seed0", "test__seed1", f"test{lin}__seed0", f"test{lin}__seed1",
+      "sasrec_ml1m_paper__seed0", "sasrec_ml1m_paper__seed1",
+      f"sasrec_ml1m_paper{lin}__seed0", f"sasrec_ml1m_paper{lin}__seed1",
+      f"test{lin}__seed2", f"test{dot}__seed1", f"test{dot}__seed2"]
+  run = runs[3]
+  assert run.label == f"test{lin}" and run.seed == 1 and run.study == "s"
+  assert run.overrides == {"num_epochs": 1, "model.attention": "linear"}
+  assert run.workdir == str(tmp_path / "study" / "runs" / run.name)
+  assert run.command[1:] == [
+      "-m", "recattn.main", "--config=configs/test.py",
+      f"--workdir={run.workdir}", "--config.model.attention=linear",
+      "--config.num_epochs=1", "--config.seed=1"]
+  sweep.check(runs, path)  # every config builds and validates
+  assert [r.workdir for r in sweep.load_runs(path, root="/x")][0] == (
+      "/x/test__seed0")
+
+
+def test_list_prints_one_command_per_run_and_writes_nothing(tmp_path):
+  path = _sweep_file(tmp_path, """
+      def get_sweep():
+        return {"name": "s", "configs": ["configs/test.py"],
+                "overrides": [{}, {"model.attn.din_hidden": (8, 4),
+                                   "model.attention": "din"}],
+                "seeds": [0, 3]}
+      """)
+  proc = _cli(tmp_path, f"--sweep={path}", "--list", "--only=din")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  lines = proc.stdout.splitlines()
+  assert len(lines) == 2
+  argv = shlex.split(lines[1])
+  workdir = tmp_path / "study" / "runs" / (
+      "test__model.attention=din,model.attn.din_hidden=8-4__seed3")
+  assert argv == [sys.executable, "-m", "recattn.main",
+                  "--config=configs/test.py", f"--workdir={workdir}",
+                  "--config.model.attention=din",
+                  "--config.model.attn.din_hidden=(8, 4)", "--config.seed=3"]
+  assert not (tmp_path / "study" / "runs").exists()
+
+
+def test_tiny_sweep_runs_skips_and_resumes_only_the_interrupted_run(tmp_path):
+  path = _sweep_file(tmp_path, """
+      def get_sweep():
+        return {"name": "tiny", "configs": ["configs/test.py"],
+                # eval.seed changes no compiled program: with the compilation
+                # cache only the first run compiles (~10 s; later ones ~4 s).
+                "overrides": [{}, {"eval.seed": 1}],
+                "seeds": [0, 1],
+                "common": {"num_epochs": 1, "mesh.data": 1,
+                           "model.num_blocks": 1,
+                           "data.synthetic_num_users": 100}}
+      """)
+  runs_dir = tmp_path / "study" / "runs"
+  names = ["test__seed0", "test__seed1", "test__eval.seed=1__seed0",
+           "test__eval.seed=1__seed1"]
+
+  first = _cli(tmp_path, f"--sweep={path}")
+  assert first.returncode == 0, first.stdout + first.stderr[-3000:]
+  assert sorted(os.listdir(runs_dir)) == sorted(names)
+  for i, name in enumerate(names, 1):
+    assert f"[{i}/4] {name}: start\n" in first.stdout
+    assert re.search(rf"\[{i}/4\] {re.escape(name)}: done in [\d.]+ s; "
+                     r"ETA \d+:\d\d for the rest", first.stdout), first.stdout
+    record = json.loads((runs_dir / name / "run.json").read_text())
+    assert record["study"] == "tiny" and record["seed"] == int(name[-1])
+    assert record["label"] == name.rsplit("__seed", 1)[0]
+    assert record["config"] == "configs/test.py"
+    assert record["overrides"]["num_epochs"] == 1
+    assert record["command"][-1] == f"--config.seed={record['seed']}"
+    assert (runs_dir / name / "final_metrics.json").exists()
+  assert "ETA 0:00 for the rest" in first.stdout.splitlines()[-1]
+
+  second = _cli(tmp_path, f"--sweep={path}")
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert second.stdout.count("skip (done)") == 4
+  assert "start" not in second.stdout
+
+  interrupted = runs_dir / names[3]
+  (interrupted / "final_metrics.json").unlink()
+  dry = _cli(tmp_path, f"--sweep={path}", "--dry_run")
+  assert dry.stdout.count("skip (done)") == 3
+  assert f"[4/4] {names[3]}: would resume" in dry.stdout
+
+  third = _cli(tmp_path, f"--sweep={path}")
+  assert third.returncode == 0, third.stderr[-3000:]
+  assert third.stdout.count("skip (done)") == 3
+  assert f"[4/4] {names[3]}: start (resuming)\n" in third.stdout
+  assert (interrupted / "final_metrics.json").exists()
+  log = (interrupted / "log.txt").read_text()
+  assert log.count("=== exit 0 after") == 2 and "resumed from epoch 1" in log
+
+
+def test_a_failed_run_is_reported_and_the_sweep_goes_on(
+    tmp_path, monkeypatch, capsys):
+  path = _sweep_file(tmp_path, """
+      def get_sweep():
+        return {"name": "s", "configs": ["configs/test.py"], "seeds": [0, 1]}
+      """)
+  runs = sweep.load_runs(path)
+
+  def fake_main(command, stdout, stderr):
+    workdir = command[4].removeprefix("--workdir=")
+    if workdir.endswith("seed0"):
+      return 3
+    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+      f.write("{}")
+    return 0
+
+  monkeypatch.setattr(sweep.subprocess, "call", fake_main)
+  assert sweep.execute(runs) == [runs[0]]
+  out = capsys.readouterr().out
+  assert re.search(r"\[1/2\] test__seed0: FAILED \(3\) in [\d.]+ s; ETA "
+                   r"0:00 for the rest", out), out
+  assert "[2/2] test__seed1: done in" in out
+  assert "=== exit 3 after" in (tmp_path / "study" / "runs" / "test__seed0" /
+                                "log.txt").read_text()
+
+
+_GOOD = '"name": "s", "configs": ["configs/test.py"]'
+
+
+@pytest.mark.parametrize("body,message", [
+    ("x = 1", "defines no get_sweep()"),
+    ("def get_sweep():\n  return {%s, 'overide': [{}]}" % _GOOD,
+     r"unknown key\(s\) \['overide'\]; allowed: \['name', 'configs'"),
+    ("def get_sweep():\n  return {'name': 's', 'configs': []}",
+     "'configs' must be a non-empty list"),
+    ("def get_sweep():\n  return {%s, 'overrides': ['model.dim=8']}" % _GOOD,
+     r"'overrides'\[0\] must be a dict, got 'model.dim=8'"),
+    ("def get_sweep():\n  return {%s, 'seeds': [0, 1, 0]}" % _GOOD,
+     r"'seeds' has duplicates: \[0, 1, 0\]"),
+    ("def get_sweep():\n  return {%s, 'common': {'seed': 1}}" % _GOOD,
+     "seeds go in 'seeds'"),
+    ("def get_sweep():\n  return [{%s}, 3]" % _GOOD,
+     "group 2: a group must be a dict"),
+    ("def get_sweep():\n  return {'name': 's', 'configs': ['configs/no.py']}",
+     "config file 'configs/no.py' not found"),
+    ("def get_sweep():\n  return 1 / 0", "ZeroDivisionError"),
+    ("def get_sweep():\n  return [{%s}, {%s, 'common': {'num_epochs': 3}}]"
+     % (_GOOD, _GOOD), "would share the name test; make their difference"),
+    ("def get_sweep():\n  return {%s, 'overrides': [{'model.dim': 8.5}]}"
+     % _GOOD, "run test__model.dim=8.5__seed0: flag --config.model.dim=8.5: "
+     "invalid literal for int"),
+    ("def get_sweep():\n  return {%s, 'overrides': [{'model.attention': 'x'}]}"
+     % _GOOD, r"config.model.attention='x': allowed values are \['additive'"),
+])
+def test_bad_sweep_files_stop_naming_the_file_and_problem(
+    tmp_path, body, message):
+  path = _sweep_file(tmp_path, body)
+  with pytest.raises(sweep.SweepError, match=re.escape(path) + ": .*" +
+                     message):
+    sweep.check(sweep.load_runs(path), path)
+
+
+def test_changed_overrides_of_an_earlier_run_are_refused(tmp_path):
+  path = _sweep_file(tmp_path, "def get_sweep():\n  return {%s}" % _GOOD)
+  run, = sweep.load_runs(path)
+  os.makedirs(run.workdir)
+  with open(os.path.join(run.workdir, "run.json"), "w") as f:
+    json.dump({**run.record(), "overrides": {"num_epochs": 3}}, f)
+  with pytest.raises(sweep.SweepError, match="records a different run"):
+    sweep.check([run], path)
+
+
+def test_unknown_override_field_stops_before_any_run(tmp_path):
+  path = _sweep_file(tmp_path, """
+      def get_sweep():
+        return {"name": "s", "configs": ["configs/test.py"],
+                "overrides": [{}, {"model.atention": "linear"}]}
+      """)
+  proc = _cli(tmp_path, f"--sweep={path}")
+  assert proc.returncode != 0
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"error: {path}: run test__model.atention=linear__seed0: "
+      "configs/test.py has no field 'model.atention'; did you mean "
+      "['model.attention', 'model.norm', 'model.attn.alpha']?")
+  assert proc.stdout == "" and not (tmp_path / "study" / "runs").exists()
