@@ -9,7 +9,8 @@ from recattn import config_check
 from recattn import models
 
 CONFIGS = [("sasrec_ml1m", None), ("sasrec_ml1m", "paper"),
-           ("hstu_ml1m", None), ("hstu_ml1m", "large"), ("test", None)]
+           ("sasrec_beauty", None), ("hstu_ml1m", None),
+           ("hstu_ml1m", "large"), ("test", None)]
 
 
 @pytest.mark.parametrize("name,arg", CONFIGS)

@@ -1,0 +1,38 @@
+"""SASRec on Amazon Beauty (S3-Rec file, leave-one-out, max_len 50).
+
+The setting of the BSARec / FMLP-Rec line of work on this file (d=64,
+2 blocks, dropout 0.5, max_len 50, batch 256, Adam 1e-3, seen items removed
+from full ranking, early stopping on validation), trained with
+generative-recommenders' sampled softmax (128 negatives, unit-norm vectors,
+temperature 0.05) instead of full softmax, which is too slow over 12k items
+on a 2-core CPU.
+
+  python -m recattn.main --config=configs/sasrec_beauty.py \
+      --workdir=runs/sasrec_beauty
+
+Result: see experiments/ (not run to completion yet).
+"""
+
+from configs import base
+
+
+def get_config():
+  c = base.get_base_config()
+  c.data.name = "beauty"
+  c.data.max_len = 50
+  c.data.bucket_step = 10
+  c.model.num_blocks = 2
+  c.model.num_heads = 1
+  c.model.dim = 64
+  c.model.dropout = 0.5
+  c.model.l2_norm = True
+  c.loss.name = "sampled_softmax"
+  c.loss.num_negatives = 128
+  c.loss.temperature = 0.05
+  c.batch_size = 256
+  c.optimizer.lr = 1e-3
+  c.num_epochs = 200
+  c.eval.every_epochs = 5
+  c.eval.patience = 6
+  c.eval.filter_seen = True
+  return c
