@@ -1,0 +1,40 @@
+"""Study 003: every attention variant in the same SASRec-style model.
+
+  python -m recattn.sweep --sweep=experiments/003_attention_variants/sweep.py
+
+ML-1M (`ml-1m-seq`, max_len 200) and Beauty (max_len 50), full ranking with
+seen items removed and sampled-100 ranking, selection on validation. Cheap
+variants first: on a 2-core CPU an ML-1M run takes about half an hour with
+softmax attention and several hours with `additive` or `din` (their score
+network is evaluated for every (query, key) pair), so those come last.
+"""
+
+VARIANTS = [
+    {"model.attention": "dot"},
+    {"model.attention": "blockwise"},
+    {"model.attention": "local", "model.attn.window": 50},
+    {"model.attention": "linear"},
+    {"model.attention": "linear", "model.attn.linear_feature": "l2"},
+    {"model.attention": "low_rank"},
+    {"model.attention": "hstu"},
+    {"model.attention": "scaled_dot", "model.rel_bias": "position"},
+    {"model.attention": "additive"},
+    {"model.attention": "din"},
+]
+
+
+def get_sweep():
+  headline = {
+      "name": "003_attention_variants",
+      "configs": ["configs/sasrec_ml1m.py", "configs/hstu_ml1m.py:large",
+                  "configs/sasrec_beauty.py"],
+      "overrides": [{}],
+      "seeds": [0, 1, 2],
+  }
+  variants = {
+      "name": "003_attention_variants",
+      "configs": ["configs/sasrec_ml1m.py", "configs/sasrec_beauty.py"],
+      "overrides": VARIANTS,
+      "seeds": [0],
+  }
+  return [headline, variants]
