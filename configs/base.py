@@ -62,7 +62,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.dropout = 0.2
   c.model.norm = "sasrec"  # sasrec | pre | post (LayerNorm placement)
   c.model.l2_norm = False  # unit-norm user states and item vectors
-  c.model.rel_bias = "none"  # none | position (T5 buckets) | alibi
+  # none | position (T5 buckets) | alibi | time | position+time (timestamps)
+  c.model.rel_bias = "none"
   c.model.qk_dim = 0  # hstu: per-head size of Q, K; 0 = dim / heads
   c.model.v_dim = 0  # hstu: per-head size of U, V; 0 = dim / heads
   c.model.kv_raw = False  # sasrec norm: keys/values from the un-normed input

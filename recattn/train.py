@@ -24,6 +24,7 @@ from recattn import models
 from recattn import reporting
 from recattn import sharding
 from recattn.data import batching
+from recattn.models import base as models_base
 from recattn.evaluation import Evaluator
 
 
@@ -75,7 +76,9 @@ def make_train_step(graphdef, tx, loss_config, log_q):
 
     def loss(params):
       model = nnx.merge(graphdef, params)
-      h = model.encode(batch["inputs"], rngs=nnx.Rngs(dropout=dropout_rng))
+      kwargs = {"times": batch["times"]} if "times" in batch else {}
+      h = model.encode(batch["inputs"], rngs=nnx.Rngs(dropout=dropout_rng),
+                       **kwargs)
       return loss_fn(model, h, batch["targets"], negatives_rng, loss_config,
                      log_q)
 
@@ -127,6 +130,16 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   inputs, targets = batching.train_arrays(ds, config.data.max_len,
                                           config.data.train_windows)
   lengths = np.sum(targets > 0, axis=1)
+  with_times = models_base.uses_time(config.model.get("rel_bias", "none"))
+  if with_times and ds.timestamps is None:
+    raise config_check.ConfigError(
+        f"config.model.rel_bias={config.model.rel_bias!r} needs timestamps, "
+        f"but data.name={config.data.name!r} has none; use a dataset with "
+        "timestamps (ml-1m, ml-100k, ml-20m, ml-1m-partial, synthetic) or "
+        "rel_bias 'none' | 'position' | 'alibi'")
+  times = (batching.train_times(ds, config.data.max_len,
+                                config.data.train_windows)
+           if with_times else None)
 
   mesh = sharding.make_mesh(config.mesh.data)
   n_dev = mesh.shape["data"]
@@ -158,7 +171,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       filter_seen=config.eval.filter_seen,
       num_negatives=config.eval.num_negatives,
       negatives=config.eval.negatives, seed=config.eval.seed,
-      sharding=batch_sharding)
+      with_times=with_times, sharding=batch_sharding)
   valid_eval = Evaluator(ds, "valid", **eval_kwargs)
 
   ckpts = checkpoint_lib.Checkpoints(workdir)
@@ -187,6 +200,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
             config.data.bucket_step)
         batch = {"inputs": batching.take_rows(inputs, rows)[:, -width:],
                  "targets": batching.take_rows(targets, rows)[:, -width:]}
+        if times is not None:
+          batch["times"] = batching.take_rows(times, rows)[:, -width:]
         batch = jax.device_put(batch, batch_sharding)
         state, loss = step_fn(state, batch, base_rng)
         epoch_losses.append(loss)
@@ -240,9 +255,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     epoch_seconds = meta["epoch_seconds"]
     widest = np.arange(config.batch_size)
     widest[widest >= len(inputs)] = -1  # padding rows, as in epoch_batches
-    widest_batch = jax.device_put(
-        {"inputs": batching.take_rows(inputs, widest),
-         "targets": batching.take_rows(targets, widest)}, batch_sharding)
+    widest_batch = {"inputs": batching.take_rows(inputs, widest),
+                    "targets": batching.take_rows(targets, widest)}
+    if times is not None:
+      widest_batch["times"] = batching.take_rows(times, widest)
+    widest_batch = jax.device_put(widest_batch, batch_sharding)
     peak = step_peak_bytes(step_fn, state, widest_batch, base_rng)
     final.update({
         "train/epochs": meta["epoch"],

@@ -1,6 +1,7 @@
 """Leave-one-out windows, eval negatives and epoch batching, by hand."""
 
 import numpy as np
+import pytest
 
 from recattn.data import batching
 from recattn.data.dataset import SequenceDataset
@@ -93,3 +94,27 @@ def test_take_rows_pads_with_zero_rows():
   a = np.arange(6).reshape(3, 2) + 1
   np.testing.assert_array_equal(batching.take_rows(a, np.array([2, -1])),
                                 [[5, 6], [0, 0]])
+
+
+def test_times_are_the_timestamps_of_the_input_items():
+  ds = _ds()
+  # timestamp = 100 * item id + position, so each window is checkable
+  ts = (100 * ds.items + np.arange(len(ds.items))).astype(np.int64) + 10**9
+  ds = SequenceDataset("toy", 9, ds.items, ds.offsets, ts, {})
+  base = ts.min()
+  for windows in ("last", "all"):
+    inputs, _ = batching.train_arrays(ds, max_len=2, windows=windows)
+    times = batching.train_times(ds, max_len=2, windows=windows)
+    assert times.shape == inputs.shape
+    np.testing.assert_array_equal(times[inputs == 0], 0)
+    np.testing.assert_array_equal(
+        (times[inputs > 0] + base - 10**9) // 100, inputs[inputs > 0])
+  history, _, _, _ = batching.eval_arrays(ds, "test", max_len=4)
+  times = batching.eval_times(ds, "test", max_len=4)
+  np.testing.assert_array_equal((times[history > 0] + base - 10**9) // 100,
+                                history[history > 0])
+
+
+def test_times_of_a_dataset_without_timestamps_is_an_error():
+  with pytest.raises(ValueError, match="no timestamps"):
+    batching.train_times(_ds(), max_len=2)

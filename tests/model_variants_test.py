@@ -21,6 +21,9 @@ CASES = [("sasrec", name, "none") for name in sorted(attention.REGISTRY)] + [
     ("hstu", "scaled_dot", "alibi"),
     ("sasrec", "scaled_dot", "position"),
     ("sasrec", "blockwise", "alibi"),
+    ("sasrec", "scaled_dot", "time"),
+    ("hstu", "hstu", "position+time"),
+    ("sasrec", "blockwise", "position+time"),
 ]
 
 
@@ -50,8 +53,11 @@ def _batch(seed):
   pad = np.arange(MAX_LEN)[None] < (MAX_LEN - lengths)[:, None]
   inputs = np.where(pad, 0, seq[:, :-1])
   targets = np.where(pad, 0, seq[:, 1:])
+  gaps = r.integers(1, 10**5, size=(BATCH, MAX_LEN))  # seconds between items
+  times = np.where(pad, 0, np.cumsum(gaps, axis=1))
   return {"inputs": jnp.asarray(inputs, jnp.int32),
-          "targets": jnp.asarray(targets, jnp.int32)}
+          "targets": jnp.asarray(targets, jnp.int32),
+          "times": jnp.asarray(times, jnp.int32)}
 
 
 @pytest.mark.parametrize("model_name,variant,rel_bias", CASES)
@@ -78,10 +84,11 @@ def test_changing_a_later_item_never_changes_earlier_states(
     model_name, variant, rel_bias):
   c = _config(model_name, variant, rel_bias)
   model = models.create(c.model, num_items=NUM_ITEMS, max_len=MAX_LEN, seed=0)
-  items = _batch(1)["inputs"][:2]
-  h = model.encode(items)
+  batch = _batch(1)
+  items, times = batch["inputs"][:2], batch["times"][:2]
+  h = model.encode(items, times=times)
   t = MAX_LEN - 4
   changed = items.at[:, t + 1].set(items[:, t + 1] % NUM_ITEMS + 1)
-  h2 = model.encode(changed)
+  h2 = model.encode(changed, times=times.at[:, t + 1:].add(777))
   np.testing.assert_allclose(h2[:, :t + 1], h[:, :t + 1], atol=1e-5)
   assert not np.allclose(h2[:, t + 1], h[:, t + 1])

@@ -1,6 +1,7 @@
 """Trainer: sharded == single device, resume == straight run, entry point,
 clear errors for impossible configs and non-finite losses."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -164,3 +165,19 @@ def test_non_finite_loss_stops_with_the_step_range(tmp_path, monkeypatch):
   with pytest.raises(train.NonFiniteLossError, match="non-finite training "
                      "loss at step 0 .epoch 1, steps 1..7"):
     train.train_and_evaluate(_config(tmp_path), str(tmp_path / "nan"))
+
+
+def test_time_bias_on_data_without_timestamps_names_the_field(
+    tmp_path, monkeypatch):
+  real_load = train.data_lib.load
+
+  def load_without_times(data_config):
+    return dataclasses.replace(real_load(data_config), timestamps=None)
+
+  monkeypatch.setattr(train.data_lib, "load", load_without_times)
+  c = _config(tmp_path)
+  with c.unlocked():
+    c.model.rel_bias = "time"
+  with pytest.raises(config_check.ConfigError,
+                     match="config.model.rel_bias='time' needs timestamps"):
+    train.train_and_evaluate(c, str(tmp_path / "notime"))

@@ -35,15 +35,8 @@ def _bounds(ds: SequenceDataset, split: str):
   return starts, ends
 
 
-def train_arrays(ds: SequenceDataset, max_len: int, windows: str = "last"):
-  """Returns `inputs, targets: [R, L] int32`, one row per training window.
-
-  `windows="last"` keeps each user's most recent `max_len` targets (SASRec's
-  and generative-recommenders' practice: longer histories lose their
-  beginning); `"all"` also cuts the earlier part of long histories into
-  further non-overlapping windows, so every training target is used once per
-  epoch. Users with fewer than 2 training items have no target and no row.
-  """
+def _train_bounds(ds: SequenceDataset, max_len: int, windows: str):
+  """`(starts, ends)` of every training window (see `train_arrays`)."""
   starts, ends = _bounds(ds, "train")
   keep = ends - starts >= 2
   starts, ends = starts[keep], ends[keep]
@@ -57,9 +50,41 @@ def train_arrays(ds: SequenceDataset, max_len: int, windows: str = "last"):
   elif windows != "last":
     raise ValueError(f"config.data.train_windows={windows!r}; allowed: "
                      "'last', 'all'")
+  return starts, ends
+
+
+def train_arrays(ds: SequenceDataset, max_len: int, windows: str = "last"):
+  """Returns `inputs, targets: [R, L] int32`, one row per training window.
+
+  `windows="last"` keeps each user's most recent `max_len` targets (SASRec's
+  and generative-recommenders' practice: longer histories lose their
+  beginning); `"all"` also cuts the earlier part of long histories into
+  further non-overlapping windows, so every training target is used once per
+  epoch. Users with fewer than 2 training items have no target and no row.
+  """
+  starts, ends = _train_bounds(ds, max_len, windows)
   inputs = _windows(ds.items, starts, ends - 1, max_len)
   targets = _windows(ds.items, starts + 1, ends, max_len)
   return inputs, targets
+
+
+def _relative_times(ds: SequenceDataset) -> np.ndarray:
+  if ds.timestamps is None:
+    raise ValueError("this dataset has no timestamps")
+  # Seconds since the dataset's first interaction fit int32 for 68 years.
+  return ds.timestamps - ds.timestamps.min()
+
+
+def train_times(ds: SequenceDataset, max_len: int, windows: str = "last"):
+  """`[R, L] int32` timestamps (seconds) of `train_arrays`' inputs."""
+  starts, ends = _train_bounds(ds, max_len, windows)
+  return _windows(_relative_times(ds), starts, ends - 1, max_len)
+
+
+def eval_times(ds: SequenceDataset, split: str, max_len: int):
+  """`[U, L] int32` timestamps (seconds) of `eval_arrays`' history."""
+  starts, ends = _bounds(ds, split)
+  return _windows(_relative_times(ds), starts, ends, max_len)
 
 
 def eval_arrays(ds: SequenceDataset, split: str, max_len: int):

@@ -19,9 +19,11 @@ from recattn.evaluation import metrics as metrics_lib
 
 
 def _eval_batch(graphdef, params, history, targets, seen, candidates,
-                weights, *, filter_seen: bool):
+                weights, times=None, *, filter_seen: bool):
   model = nnx.merge(graphdef, params)
-  h = model.encode(history)[:, -1]  # [B, D]
+  # Models without time-aware attention need not take `times`.
+  kwargs = {} if times is None else {"times": times}
+  h = model.encode(history, **kwargs)[:, -1]  # [B, D]
   scores = h @ model.all_item_vectors().T  # [B, V + 1]
   rows = jnp.arange(scores.shape[0])[:, None]
   target_scores = scores[rows[:, 0], targets]
@@ -44,12 +46,15 @@ class Evaluator:
 
   def __init__(self, ds, split: str, *, max_len: int, batch_size: int,
                filter_seen: bool, num_negatives: int, negatives: str,
-               seed: int, sharding=None):
+               seed: int, with_times: bool = False, sharding=None):
     self.split = split
     self.batch_size = batch_size
     self.sampled_name = f"sampled_{negatives}{num_negatives}"
     self.history, self.targets, self.starts, self.ends = (
         batching.eval_arrays(ds, split, max_len))
+    # Item timestamps of the history, for time-aware attention biases.
+    self.times = (batching.eval_times(ds, split, max_len) if with_times
+                  else None)
     self.items = ds.items
     # One padded width for every batch keeps a single compiled program.
     self.seen_width = int(-(-np.max(self.ends - self.starts) // 128) * 128)
@@ -76,6 +81,8 @@ class Evaluator:
           self.candidates[safe],
           valid.astype(np.float32),
       )
+      if self.times is not None:
+        batch += (self.times[safe],)
       if self.sharding is not None:
         batch = jax.device_put(batch, self.sharding)
       out = self._fn(graphdef, params, *batch, filter_seen=self.filter_seen)

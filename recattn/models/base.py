@@ -15,7 +15,15 @@ from flax import nnx
 from recattn import attention
 from recattn.attention import relative
 
-REL_BIASES = ("none", "position", "alibi")
+# Relative attention biases a model can add to every block's attention:
+# T5-bucketed learned positions, ALiBi, time-interval buckets (needs
+# timestamps), or positions and time together (HSTU's rab).
+REL_BIASES = ("none", "position", "alibi", "time", "position+time")
+
+
+def uses_time(rel_bias: str) -> bool:
+  """Whether `model.rel_bias` needs timestamps in every batch."""
+  return "time" in rel_bias
 
 
 class SequenceRecommender(nnx.Module):
@@ -31,9 +39,11 @@ class SequenceRecommender(nnx.Module):
                        f"{list(REL_BIASES)}")
     self.rel_bias = rel_bias
     self.num_heads = num_heads
-    if rel_bias == "position":
+    if "position" in rel_bias:
       self.position_bias = relative.RelativePositionBias(
           num_heads, num_buckets=32, max_distance=max_len, rngs=rngs)
+    if uses_time(rel_bias):
+      self.time_bias = relative.TimeIntervalBias(num_heads, rngs=rngs)
     self.l2_norm = l2_norm
     # Row 0 is padding; it is masked out of every score and loss.
     self.item_embedding = nnx.Embed(
@@ -74,13 +84,24 @@ class SequenceRecommender(nnx.Module):
         rel_bias=get("rel_bias", "none"),
     )
 
-  def attention_bias(self):
-    """The relative attention bias shared by all blocks (or None)."""
-    if self.rel_bias == "position":
-      return self.position_bias()
+  def attention_bias(self, times: jax.Array | None = None):
+    """The relative attention bias shared by all blocks (or None).
+
+    Args:
+      times: `[B, L]` int timestamps (seconds) of the items; required by the
+        time-interval bias, ignored otherwise.
+    """
     if self.rel_bias == "alibi":
       return relative.alibi(self.num_heads)
-    return None
+    parts = []
+    if "position" in self.rel_bias:
+      parts.append(self.position_bias())
+    if uses_time(self.rel_bias):
+      if times is None:
+        raise ValueError(f"model.rel_bias={self.rel_bias!r} needs item "
+                         "timestamps: pass encode(items, times=...)")
+      parts.append(self.time_bias(times))
+    return relative.combine(*parts)
 
   def embed(self, items: jax.Array, rngs: nnx.Rngs | None):
     """Scaled item + position embeddings with dropout, zero at padding.
@@ -101,6 +122,7 @@ class SequenceRecommender(nnx.Module):
       self,
       items: jax.Array,  # [B, L] int, left-padded with 0
       *,
+      times: jax.Array | None = None,  # [B, L] int seconds, aligned
       rngs: nnx.Rngs | None = None,
       return_weights: bool = False,
   ):
@@ -112,7 +134,7 @@ class SequenceRecommender(nnx.Module):
     x, valid = self.embed(items, rngs)
     keep = valid[..., None].astype(x.dtype)
     mask = attention.Mask(causal=True, key_valid=valid)
-    bias = self.attention_bias()
+    bias = self.attention_bias(times)
     weights = []
     for block in self.blocks:
       x, w = block(x, mask, bias, rngs=rngs, return_weights=return_weights)
