@@ -10,7 +10,11 @@ on a 2-core CPU.
   python -m recattn.main --config=configs/sasrec_beauty.py \
       --workdir=runs/sasrec_beauty
 
-Result: see experiments/ (not run to completion yet).
+Result (seed 0, 2-core CPU, jax 0.10.2, 2026-11-28; records in
+experiments/003_attention_variants/prelim/sasrec_beauty): selected on
+validation at epoch 80, test full ranking (seen items removed) HR@10
+0.0785, NDCG@10 0.0464; test sampled-100 NDCG@10 0.3072; 14.2 s per
+epoch, 30 min in all.
 """
 
 from configs import base
