@@ -24,6 +24,8 @@ from recattn.attention.blockwise import blockwise
 from recattn.attention.masks import Mask
 from recattn.attention.scaled_dot import scaled_dot
 
+import attention_reference
+
 B, H, D = 2, 3, 8
 
 
@@ -45,20 +47,9 @@ def _left_padding(lk, pads=(5, 0)):
 
 def _np_allowed(lq, lk, causal, key_valid, window, num_targets):
   """`[B|1, Lq, Lk]` visibility, restated from the Mask docstring."""
-  qp = (np.arange(lq) + lk - lq)[:, None]
-  kp = np.arange(lk)[None, :]
-  m = np.ones((lq, lk), bool)
-  if causal:
-    m &= kp <= qp
-  if window is not None:
-    m &= kp > qp - window
-  if num_targets is not None:
-    first = lk - num_targets
-    m &= np.where(kp >= first, (qp >= first) & (kp == qp), True)
-  m = m[None]
-  if key_valid is not None:
-    m = m & np.asarray(key_valid)[:, None, :]
-  return m
+  return attention_reference.visible(
+      lq, lk, causal=causal, key_valid=key_valid, window=window,
+      num_targets=num_targets)
 
 
 def _np_attention(q, k, v, allowed, bias=None, temperature=1.0):

@@ -24,6 +24,8 @@ from recattn.attention.local import local
 from recattn.attention.masks import Mask
 from recattn.attention.scaled_dot import reference as dense_softmax
 
+import attention_reference
+
 RNG = np.random.default_rng(0)
 
 
@@ -33,23 +35,10 @@ RNG = np.random.default_rng(0)
 def np_visible(b, lq, lk, *, causal=True, key_valid=None, window=None,
                num_targets=None):
   """[B, Lq, Lk] bool, written from the Mask docstring, not from its code."""
-  vis = np.ones((b, lq, lk), bool)
-  for i in range(lq):
-    p = i + lk - lq
-    for j in range(lk):
-      ok = True
-      if causal:
-        ok &= j <= p
-      if window is not None:
-        ok &= j > p - window
-      if num_targets is not None:
-        first = lk - num_targets
-        if j >= first:  # a candidate key: only the candidate itself sees it
-          ok &= p >= first and j == p
-      vis[:, i, j] = ok
-  if key_valid is not None:
-    vis &= key_valid[:, None, :]
-  return vis
+  vis = attention_reference.visible(lq, lk, causal=causal,
+                                    key_valid=key_valid, window=window,
+                                    num_targets=num_targets)
+  return np.broadcast_to(vis, (b, lq, lk)).copy()
 
 
 def np_softmax_attention(q, k, v, vis, scale, bias=None):

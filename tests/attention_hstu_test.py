@@ -19,25 +19,19 @@ from recattn.attention import weights as weights_lib
 from recattn.attention.hstu import hstu
 from recattn.attention.masks import Mask
 
+import attention_reference
+
 
 def np_allowed(b, lq, lk, causal=True, lengths=None, window=None,
                num_targets=None):
   """Independent numpy mask, `[B, 1, Lq, Lk]` bool (left padding)."""
-  qp = np.arange(lq)[:, None] + (lk - lq)
-  kp = np.arange(lk)[None, :]
-  ok = np.ones((lq, lk), bool)
-  if causal:
-    ok &= kp <= qp
-  if window is not None:
-    ok &= kp > qp - window
-  if num_targets is not None:
-    first = lk - num_targets
-    ok &= ~(kp >= first) | ((qp >= first) & (kp == qp))
-  ok = np.broadcast_to(ok, (b, 1, lq, lk)).copy()
+  key_valid = None
   if lengths is not None:
-    for i, n in enumerate(lengths):
-      ok[i, :, :, :lk - n] = False
-  return ok
+    key_valid = np.arange(lk)[None, :] >= lk - np.asarray(lengths)[:, None]
+  ok = attention_reference.visible(lq, lk, causal=causal,
+                                   key_valid=key_valid, window=window,
+                                   num_targets=num_targets)
+  return np.broadcast_to(ok[:, None], (b, 1, lq, lk)).copy()
 
 
 def np_hstu(q, k, v, allowed, bias=None, alpha=None, normalizer="padded"):

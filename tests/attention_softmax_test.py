@@ -10,6 +10,8 @@ from recattn import attention
 from recattn.attention import mlp_score
 from recattn.attention.masks import Mask
 
+import attention_reference
+
 SHAPES = [  # (B, Lq, Lk, H, Dh)
     (2, 6, 6, 1, 4),
     (3, 5, 9, 2, 8),
@@ -29,17 +31,9 @@ def _inputs(shape, seed=0):
 
 
 def _np_mask(lq, lk, valid, causal, window=None, num_targets=None):
-  qp = np.arange(lq)[:, None] + lk - lq
-  kp = np.arange(lk)[None, :]
-  m = np.ones((lq, lk), bool)
-  if causal:
-    m &= kp <= qp
-  if window is not None:
-    m &= kp > qp - window
-  if num_targets is not None:
-    first = lk - num_targets
-    m &= np.where(kp >= first, (qp >= first) & (kp == qp), True)
-  return m[None, None] & valid[:, None, None, :]
+  return attention_reference.visible(
+      lq, lk, causal=causal, key_valid=valid, window=window,
+      num_targets=num_targets)[:, None]
 
 
 def _np_pool(scores, v, m, normalize=True):
