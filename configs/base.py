@@ -52,6 +52,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.attn.hstu_block_k = ml_collections.FieldReference(None,
                                                             field_type=int)
   c.model.attn.normalizer = "padded"  # hstu: divide by padded | true length
+  c.model.attn.hstu_impl = "auto"  # hstu: auto (Pallas on GPU) | xla | pallas
   c.model.attn.hidden = 0  # additive: score MLP width; 0 = head size
   c.model.attn.din_hidden = (80, 40)  # din: activation-unit MLP widths
   c.model.attn.din_normalize = True  # din: softmax (False: DIN's raw sum)

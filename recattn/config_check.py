@@ -87,6 +87,7 @@ def _validate_attention_options(config) -> None:
   _positive(config, "model.attn.hidden", zero_ok=True)
   _choice(config, "model.attn.linear_feature", linear.FEATURES)
   _choice(config, "model.attn.normalizer", hstu_attention.NORMALIZERS)
+  _choice(config, "model.attn.hstu_impl", hstu_attention.IMPLS)
   hidden = attn.din_hidden
   _require(all(isinstance(h, int) and h > 0 for h in hidden),
            f"config.model.attn.din_hidden={hidden!r}: must be positive ints")

@@ -37,7 +37,9 @@ def _git_commit() -> str:
         capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     return commit + ("-dirty" if dirty else "")
   except (OSError, subprocess.SubprocessError):
-    return "unknown"
+    # A copy of the tree without .git (a remote accelerator machine, say):
+    # the launcher may name the commit it copied.
+    return os.environ.get("RECATTN_COMMIT", "unknown")
 
 
 def environment() -> dict:

@@ -1,7 +1,7 @@
-"""Runs a study's sweep: every (config, overrides, seed), one after another.
+"""Runs a study's sweep: every (config, overrides, seed) in order.
 
   python -m recattn.sweep --sweep=experiments/<study>/sweep.py \
-      [--root=<dir>] [--list] [--only=<substring>] [--dry_run]
+      [--root=<dir>] [--list] [--only=<substring>] [--dry_run] [--jobs=N]
 
 Run it from the repository root: config paths are relative to it. The sweep
 file defines `get_sweep()`, returning one group or a list of groups:
@@ -18,8 +18,11 @@ the sweep file) through `python -m recattn.main`, its output appended to
 `log.txt` and its `run.json` (study, label, seed, config, overrides, command)
 written first. Runs with `final_metrics.json` are skipped; interrupted ones
 resume. Every run's config is built and validated before the first starts.
+`--jobs=N` trains N runs at a time, in sweep order (for an accelerator that
+one small run leaves idle; time comparisons want `--jobs=1`).
 """
 
+import concurrent.futures
 import dataclasses
 import datetime
 import difflib
@@ -31,6 +34,7 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
 import time
 
 from absl import app
@@ -46,6 +50,7 @@ _ROOT = flags.DEFINE_string("root", None, "Run directories; default: "
 _LIST = flags.DEFINE_bool("list", False, "Print one shell command per run.")
 _ONLY = flags.DEFINE_string("only", None, "Keep runs whose name contains it.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print what would run.")
+_JOBS = flags.DEFINE_integer("jobs", 1, "Runs trained at the same time.")
 flags.mark_flag_as_required("sweep")
 
 _KEYS = ("name", "configs", "overrides", "seeds", "common")
@@ -275,37 +280,58 @@ def _clock(seconds: float) -> str:
   return f"{int(seconds // 3600)}:{int(seconds % 3600 // 60):02d}"
 
 
-def execute(runs: list[Run]) -> list[Run]:
-  """Runs the unfinished runs one after another; returns the failed ones."""
-  todo = [not run.finished() for run in runs]
+def _train(run: Run) -> tuple[int | str, float]:
+  """Trains one run in its workdir; returns (exit status, seconds)."""
+  os.makedirs(run.workdir, exist_ok=True)
+  with open(os.path.join(run.workdir, "run.json"), "w") as f:
+    json.dump(run.record(), f, indent=2)
+  t0 = time.time()
+  with open(os.path.join(run.workdir, "log.txt"), "a") as log:
+    log.write(f"=== {datetime.datetime.now().isoformat(timespec='seconds')}"
+              f" {shlex.join(run.command)}\n")
+    log.flush()
+    rc = subprocess.call(run.command, stdout=log, stderr=subprocess.STDOUT)
+    seconds = time.time() - t0
+    log.write(f"=== exit {rc} after {seconds:.1f} s\n")
+  if rc == 0 and not run.finished():
+    rc = "no final_metrics.json"
+  return rc, seconds
+
+
+def execute(runs: list[Run], jobs: int = 1) -> list[Run]:
+  """Trains the unfinished runs, `jobs` at a time; returns the failed ones.
+
+  `jobs > 1` runs several trainings side by side (one accelerator that a
+  small model leaves mostly idle, or a many-core CPU); their `s/epoch` then
+  measure a shared machine, which the table's footer cannot tell apart, so
+  time studies with `jobs=1`.
+  """
+  todo = [run for run in runs if not run.finished()]
+  index = {run.name: i for i, run in enumerate(runs, 1)}
+  for run in runs:
+    if run not in todo:
+      print(f"[{index[run.name]}/{len(runs)}] {run.name}: skip (done)",
+            flush=True)
   seconds, failed = [], []
-  for i, run in enumerate(runs, 1):
-    tag = f"[{i}/{len(runs)}] {run.name}:"
-    if not todo[i - 1]:
-      print(f"{tag} skip (done)", flush=True)
-      continue
+  lock = threading.Lock()
+
+  def one(run: Run) -> None:
+    tag = f"[{index[run.name]}/{len(runs)}] {run.name}:"
     resume = os.path.isdir(os.path.join(run.workdir, "ckpt"))
     print(f"{tag} start{' (resuming)' if resume else ''}", flush=True)
-    os.makedirs(run.workdir, exist_ok=True)
-    with open(os.path.join(run.workdir, "run.json"), "w") as f:
-      json.dump(run.record(), f, indent=2)
-    t0 = time.time()
-    with open(os.path.join(run.workdir, "log.txt"), "a") as log:
-      log.write(f"=== {datetime.datetime.now().isoformat(timespec='seconds')}"
-                f" {shlex.join(run.command)}\n")
-      log.flush()
-      rc = subprocess.call(run.command, stdout=log, stderr=subprocess.STDOUT)
-      seconds.append(time.time() - t0)
-      log.write(f"=== exit {rc} after {seconds[-1]:.1f} s\n")
-    if rc == 0 and not run.finished():
-      rc = "no final_metrics.json"
-    if rc != 0:
-      failed.append(run)
-    status = "done" if rc == 0 else f"FAILED ({rc})"
-    eta = sum(seconds) / len(seconds) * sum(todo[i:])
-    print(f"{tag} {status} in {seconds[-1]:.1f} s; ETA {_clock(eta)} for the "
-          "rest", flush=True)
-  return failed
+    rc, took = _train(run)
+    with lock:
+      seconds.append(took)
+      if rc != 0:
+        failed.append(run)
+      status = "done" if rc == 0 else f"FAILED ({rc})"
+      eta = sum(seconds) / len(seconds) * (len(todo) - len(seconds)) / jobs
+      print(f"{tag} {status} in {took:.1f} s; ETA {_clock(eta)} for the "
+            "rest", flush=True)
+
+  with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
+    list(pool.map(one, todo))
+  return sorted(failed, key=lambda run: index[run.name])
 
 
 def main(argv):
@@ -331,7 +357,9 @@ def main(argv):
       print(f"[{i}/{len(runs)}] {run.name}: {what}\n"
             f"  {shlex.join(run.command)}")
     return
-  failed = execute(runs)
+  if _JOBS.value < 1:
+    raise SystemExit(f"error: --jobs={_JOBS.value} must be >= 1")
+  failed = execute(runs, _JOBS.value)
   if failed:
     raise SystemExit(f"FAILED {len(failed)} of {len(runs)} runs (see their "
                      "log.txt):\n" + "\n".join(r.workdir for r in failed))

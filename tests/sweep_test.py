@@ -9,6 +9,7 @@ import shlex
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 
@@ -203,6 +204,39 @@ def test_a_failed_run_is_reported_and_the_sweep_goes_on(
   assert "[2/2] test__seed1: done in" in out
   assert "=== exit 3 after" in (tmp_path / "study" / "runs" / "test__seed0" /
                                 "log.txt").read_text()
+
+
+def test_jobs_train_runs_side_by_side(tmp_path, monkeypatch, capsys):
+  path = _sweep_file(tmp_path, """
+      def get_sweep():
+        return {"name": "s", "configs": ["configs/test.py"],
+                "seeds": [0, 1, 2, 3]}
+      """)
+  runs = sweep.load_runs(path)
+  running, most = [], []
+  lock = threading.Lock()
+  both_started = threading.Barrier(2, timeout=10)
+
+  def fake_main(command, stdout, stderr):
+    workdir = command[4].removeprefix("--workdir=")
+    with lock:
+      running.append(workdir)
+      most.append(len(running))
+    if workdir.endswith(("seed0", "seed1")):
+      both_started.wait()  # deadlocks (and times out) if run one at a time
+    with lock:
+      running.remove(workdir)
+    if workdir.endswith("seed2"):
+      return 1
+    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+      f.write("{}")
+    return 0
+
+  monkeypatch.setattr(sweep.subprocess, "call", fake_main)
+  assert sweep.execute(runs, jobs=2) == [runs[2]]
+  assert max(most) == 2
+  out = capsys.readouterr().out
+  assert out.count(": done in") == 3 and "test__seed2: FAILED (1)" in out
 
 
 _GOOD = '"name": "s", "configs": ["configs/test.py"]'

@@ -27,6 +27,7 @@ from flax import nnx
 # function (the registry below is the way models reach them).
 from recattn.attention import blockwise
 from recattn.attention import hstu
+from recattn.attention import hstu_pallas
 from recattn.attention import linear
 from recattn.attention import local
 from recattn.attention import low_rank
@@ -84,7 +85,7 @@ REGISTRY: dict[str, Variant] = {
     "hstu": Variant(
         hstu.hstu,
         {"alpha": "alpha", "normalizer": "normalizer",
-         "hstu_block_k": "block_k"},
+         "hstu_block_k": "block_k", "hstu_impl": "impl"},
         doc="HSTU pointwise silu(alpha QK^T + rab)/n V, no softmax"),
     "additive": Variant(
         mlp_score.additive, {"hidden": "hidden"}, mlp_score.Additive,
@@ -137,5 +138,6 @@ def layer(name: str, num_heads: int, head_dim: int, attn_config=None, *,
   return variant.module(num_heads, head_dim, **options, rngs=rngs)
 
 
-__all__ = ["Mask", "REGISTRY", "Variant", "blockwise", "get", "hstu", "layer",
-           "linear", "local", "low_rank", "mlp_score", "scaled_dot"]
+__all__ = ["Mask", "REGISTRY", "Variant", "blockwise", "get", "hstu",
+           "hstu_pallas", "layer", "linear", "local", "low_rank", "mlp_score",
+           "scaled_dot"]

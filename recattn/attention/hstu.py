@@ -26,6 +26,12 @@ Choices, checked against facebookresearch/generative-recommenders:
     independent of how much padding a batch has.
   * rab is added after the alpha scaling: silu(alpha q.k + rab).
 
+Kernels (`impl`): on a GPU, `impl="auto"` runs the Pallas (Triton) kernels
+of `hstu_pallas` (forward and backward, O(L) memory) whenever they support
+the call (no rab bias, Lq == Lk, no window or target mask, power-of-two head
+sizes; see `hstu_pallas.supported`) and no weights are asked for; elsewhere,
+and always with `impl="xla"`, the XLA paths below run.
+
 Time O(B H Lq Lk (Dh + Dv)). Memory: the reference builds the
 `[B, H, Lq, Lk]` weights; `block_k=T` instead scans over key blocks of T
 (a plain sum, since there is no softmax to renormalise), holding
@@ -34,15 +40,18 @@ O(B H Lq T) at a time, with the block recomputed in the backward pass
 """
 
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
 
 from recattn.attention import biases
+from recattn.attention import hstu_pallas
 from recattn.attention import weights as weights_lib
 from recattn.attention.masks import Mask
 
 NORMALIZERS = ("padded", "true")
+IMPLS = ("auto", "xla", "pallas")
 
 
 def _visible_counts(allowed, q_len: int, k_len: int) -> jax.Array:
@@ -140,6 +149,7 @@ def hstu(
     normalizer: str = "padded",
     block_k: int | None = None,
     return_weights: bool = False,
+    impl: str = "auto",
 ) -> tuple[jax.Array, jax.Array | None]:
   """HSTU pointwise attention; see the module docstring.
 
@@ -154,6 +164,12 @@ def hstu(
       instead of building the `[B, H, Lq, Lk]` weights.
     return_weights: also return the weights A `[B, H, Lq, Lk]` (through the
       reference, whatever `block_k`).
+    impl: "auto" runs the Pallas kernels (`hstu_pallas`) on a GPU when they
+      support the call and `return_weights` is False, else the XLA paths;
+      "xla" always the XLA paths (reference, or the `block_k` scan);
+      "pallas" requires the kernels (ValueError with the reason otherwise;
+      on CPU they run in Pallas' interpreter, for tests). The kernels ignore
+      `block_k`.
 
   Returns:
     (out `[B, Lq, H, Dv]`, weights or None).
@@ -162,8 +178,23 @@ def hstu(
     raise ValueError(f"hstu: normalizer={normalizer!r}; valid: {NORMALIZERS}")
   if block_k is not None and block_k < 1:
     raise ValueError(f"hstu: block_k={block_k!r} must be >= 1")
+  if impl not in IMPLS:
+    raise ValueError(f"hstu: impl={impl!r}; valid: {IMPLS}")
   if alpha is None:
     alpha = 1.0 / math.sqrt(q.shape[-1])
+  on_gpu = jax.default_backend() == "gpu"
+  if impl == "pallas" or (impl == "auto" and on_gpu):
+    reason = hstu_pallas.supported(q, k, v, mask, bias, interpret=not on_gpu)
+    if return_weights:
+      reason = "return_weights needs the XLA reference"
+    elif not isinstance(alpha, numbers.Real):
+      reason = f"alpha must be a Python number, got {type(alpha).__name__}"
+    if reason is None:
+      return hstu_pallas.attention(
+          q, k, v, alpha=alpha, normalizer=normalizer, causal=mask.causal,
+          key_valid=mask.key_valid, interpret=not on_gpu), None
+    if impl == "pallas":
+      raise ValueError(f"hstu: impl='pallas' cannot run: {reason}")
   if return_weights:
     weights_lib.check_fits("hstu", q.shape[0], q.shape[2], q.shape[1],
                            k.shape[1])
