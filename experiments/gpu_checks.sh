@@ -88,15 +88,22 @@ print('jax', jax.__version__, 'flax', flax.__version__, 'optax',
 log "set-up done"
 
 # ---- Phase A: alone on the GPU -------------------------------------------
-step 60 speed_lean_step $PY experiments/000_speed_lean_step/bench.py \
+step 120 speed_lean_step $PY experiments/000_speed_lean_step/bench.py \
     --settings=default --epochs=3 --out=$W/speed_lean_step_gpu.json
 step 60 gpu_throughput $PY experiments/002_attention_cost/gpu_throughput.py \
     --variants=scaled_dot,blockwise,hstu --reps=5 \
     --out=$W/gpu_throughput.json
 pack
-step 50 bench_bf16 $PY experiments/002_attention_cost/bench.py \
+# additive and din build [B, H, L, L, hidden] tensors: short lengths only
+# (at 16k, XLA's autotuner alone tries to allocate 64 GiB).
+step 60 bench_bf16 $PY experiments/002_attention_cost/bench.py \
     --dtype=bfloat16 --reps=3 --max_s=2 --max_gib=60 \
+    --variants=scaled_dot,dot,blockwise,local,linear,low_rank,hstu,hstu_tiled \
     --lengths=200,1024,4096,16384 --out=$W/bench_gpu_bf16.json
+step 30 bench_bf16_mlp $PY experiments/002_attention_cost/bench.py \
+    --dtype=bfloat16 --reps=3 --max_s=2 --max_gib=60 \
+    --variants=additive,din --lengths=200,1024 \
+    --out=$W/bench_gpu_bf16_mlp.json
 pack
 
 # ---- Phase B: shared ------------------------------------------------------

@@ -27,6 +27,8 @@ def write_json(path: str, obj) -> None:
 
 
 def _git_commit() -> str:
+  if os.environ.get("RECATTN_COMMIT"):  # named by a launcher that copied
+    return os.environ["RECATTN_COMMIT"]  # the tree elsewhere
   here = os.path.dirname(os.path.abspath(__file__))
   try:
     commit = subprocess.run(
@@ -37,9 +39,7 @@ def _git_commit() -> str:
         capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     return commit + ("-dirty" if dirty else "")
   except (OSError, subprocess.SubprocessError):
-    # A copy of the tree without .git (a remote accelerator machine, say):
-    # the launcher may name the commit it copied.
-    return os.environ.get("RECATTN_COMMIT", "unknown")
+    return "unknown"
 
 
 def environment() -> dict:
@@ -63,6 +63,22 @@ def environment() -> dict:
       "process_count": jax.process_count(),
       "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
   }
+
+
+def write_env(path: str) -> None:
+  """Writes `environment()` to `path`, keeping what a resumed run ran on.
+
+  When `path` already holds an environment (a run resumed, perhaps on
+  another machine or commit), the earlier ones move to its `"earlier"` list,
+  oldest first, so a record never hides part of its provenance.
+  """
+  env = environment()
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    earlier = old.pop("earlier", [])
+    env["earlier"] = earlier + [old]
+  write_json(path, env)
 
 
 class MetricWriter:

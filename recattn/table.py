@@ -244,12 +244,13 @@ def footer_notes(runs: list[Run], unfinished: list[str], split: str,
   candidates = (f"positive + {sampled[2]} {sampled[1]} negatives per user, "
                 "none the user interacted with" if sampled else
                 f"full ranking over all {card.get('items', 0):,} items")
-  devices = sorted({f"{r.env.get('device_count')} x {r.env.get('device_kind')}"
-                    f" (jax {r.env.get('packages', {}).get('jax')})"
-                    for r in runs})
-  commits = sorted({str(r.env.get("commit", "unknown"))[:7] +
-                    ("-dirty" if "dirty" in str(r.env.get("commit")) else "")
-                    for r in runs})
+  envs = [e for r in runs for e in [r.env, *r.env.get("earlier", [])]]
+  devices = sorted({f"{e.get('device_count')} x {e.get('device_kind')}"
+                    f" (jax {e.get('packages', {}).get('jax')})"
+                    for e in envs})
+  commits = sorted({str(e.get("commit", "unknown"))[:7] +
+                    ("-dirty" if "dirty" in str(e.get("commit")) else "")
+                    for e in envs})
   lines = [
       f"Data: {card.get('name')} (builder {card.get('builder')} "
       f"{card.get('version')}, config {card.get('config')}; preprocessing "

@@ -121,8 +121,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   os.makedirs(workdir, exist_ok=True)
   reporting.write_json(os.path.join(workdir, "config.json"),
                        config.to_dict())
-  reporting.write_json(os.path.join(workdir, "env.json"),
-                       reporting.environment())
+  reporting.write_env(os.path.join(workdir, "env.json"))
 
   ds = data_lib.load(config.data)
   reporting.write_json(os.path.join(workdir, "data_card.json"), ds.card)

@@ -312,6 +312,29 @@ def test_cudnn_path_matches_the_reference(causal):
                              np.asarray(ref, np.float32)[rows], atol=2e-2)
 
 
+def test_cudnn_call_gets_full_mask_and_falls_back_when_refused(monkeypatch):
+  # What a GPU run found: cuDNN refuses a [B, 1, 1, Lk] padding mask. The
+  # call must pass [B, 1, Lq, Lk], and a refusal must fall back to XLA.
+  shape = (2, 16, 16, 2, 64)
+  q, k, v, valid = _inputs(shape, seed=3)
+  mask = Mask(causal=True, key_valid=jnp.asarray(valid))
+  args = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)]
+  seen = {}
+
+  def fake_cudnn(q, k, v, *, bias, mask, scale, is_causal, local_window_size,
+                 implementation):
+    seen.update(mask=mask.shape, implementation=implementation)
+    raise ValueError("refused\nsecond line")
+
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(jax.nn, "dot_product_attention", fake_cudnn)
+  out, _ = attention.scaled_dot.scaled_dot(*args, mask)
+  assert seen == {"mask": (2, 1, 16, 16), "implementation": "cudnn"}
+  ref, _ = attention.scaled_dot.reference(*args, mask, scale=1 / 8)
+  np.testing.assert_array_equal(np.asarray(out, np.float32),
+                                np.asarray(ref, np.float32))
+
+
 def test_cudnn_status_explains_the_fallback():
   q = jnp.zeros((1, 4, 1, 50), jnp.float32)
   reason = attention.scaled_dot.cudnn_status(q, q, Mask(), None)

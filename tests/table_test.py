@@ -1,14 +1,17 @@
 """Tables from fake run records: grouping, statistics, formats, refusals."""
 
 import json
+import os
 import pathlib
 import shlex
 import shutil
 import subprocess
 import sys
 
+import jax
 import pytest
 
+from recattn import reporting
 from recattn import table
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -269,3 +272,21 @@ def test_cli_refusal_is_one_line(tmp_path):
   assert proc.stdout == ""
   assert proc.stderr == (f"error: runs {a} and {b} differ in "
                          "config.eval.num_negatives (100 vs 50)\n")
+
+
+def test_footer_names_every_device_a_resumed_run_ran_on(tmp_path):
+  # A run started on a GPU and resumed on the CPU keeps both environments
+  # (reporting.write_env); the footer names both.
+  workdir = make_run(tmp_path / "s" / "runs" / "a_seed0", 0.3)
+  env_path = os.path.join(workdir, "env.json")
+  gpu = dict(_load("env.json"), device_kind="NVIDIA H200", commit="bd78247")
+  with open(env_path, "w") as f:
+    json.dump(gpu, f)
+  reporting.write_env(env_path)
+  with open(env_path) as f:
+    env = json.load(f)
+  assert env["earlier"] == [gpu] and "earlier" not in env["earlier"][0]
+  md = table.make_tables([str(tmp_path / "s")], metrics=["hr@10"])["md"]
+  assert "1 x NVIDIA H200 (jax 0.10.2)" in md
+  assert f"{jax.device_count()} x {jax.devices()[0].device_kind} (jax" in md
+  assert "bd78247" in md

@@ -146,24 +146,25 @@ def markdown(rows, lengths) -> str:
 def main(argv):
   del argv
   names = _VARIANTS.value or sorted(set(attention.REGISTRY) | set(EXTRA))
-  rows = []
+  lengths = [int(x) for x in _LENGTHS.value]
+  result = {"env": reporting.environment(),
+            "command": " ".join(sys.argv),
+            "tokens": _TOKENS.value, "batch": _BATCH.value, "dim": _DIM.value,
+            "heads": _HEADS.value, "rows": []}
   for name in names:
-    for length in (int(x) for x in _LENGTHS.value):
+    for length in lengths:
       row = measure(name, length)
-      rows.append(row)
+      result["rows"].append(row)
       mem = row.get("peak_bytes")
       print(f"{name:>12} L={length:>6} B={row['B']:>4} "
             f"mem={'-' if mem is None else f'{mem / 2**20:9.1f} MiB'} "
             f"s={row.get('s', '-')} {row.get('skipped', row.get('error', ''))}",
             flush=True)
-  result = {"env": reporting.environment(),
-            "command": " ".join(sys.argv),
-            "tokens": _TOKENS.value, "batch": _BATCH.value, "dim": _DIM.value, "heads": _HEADS.value,
-            "rows": rows}
-  table = markdown(rows, [int(x) for x in _LENGTHS.value])
+      if _OUT.value:  # after every row: a run cut short keeps what it did
+        reporting.write_json(_OUT.value, result)
+  table = markdown(result["rows"], lengths)
   print(table)
   if _OUT.value:
-    reporting.write_json(_OUT.value, result)
     with open(_OUT.value.removesuffix(".json") + ".md", "w") as f:
       f.write(table)
 

@@ -85,6 +85,23 @@ def _note_fallback(reason: str) -> None:
     logging.warning("scaled_dot: XLA attention instead of cuDNN: %s", reason)
 
 
+def _cudnn(q, k, v, mask: Mask, bias, *, scale: float) -> jax.Array:
+  """cuDNN's fused attention through `jax.nn.dot_product_attention`."""
+  key_valid = None
+  if mask.key_valid is not None:
+    # jax hands cuDNN the mask as a bias, which must have the full
+    # [B, 1, Lq, Lk] sequence dims (a [B, 1, 1, Lk] one is refused). Padding
+    # is on the left of recattn's windows, so sequence lengths cannot say it.
+    key_valid = jnp.broadcast_to(mask.key_valid[:, None, None, :],
+                                 (q.shape[0], 1, q.shape[1], k.shape[1]))
+  if bias is not None:
+    bias = jnp.broadcast_to(bias, bias.shape[:2] + (q.shape[1], k.shape[1]))
+  window = None if mask.window is None else (mask.window - 1, 0)
+  return jax.nn.dot_product_attention(
+      q, k, v, bias=bias, mask=key_valid, scale=scale, is_causal=mask.causal,
+      local_window_size=window, implementation="cudnn")
+
+
 def _attention(q, k, v, mask, bias, *, scale, return_weights, dropout_rate,
                dropout_rng, name):
   if return_weights:
@@ -97,15 +114,10 @@ def _attention(q, k, v, mask, bias, *, scale, return_weights, dropout_rate,
     return out, (weights if return_weights else None)
   reason = cudnn_status(q, k, mask, bias)
   if reason is None:
-    key_valid = None
-    if mask.key_valid is not None:
-      key_valid = mask.key_valid[:, None, None, :]
-    window = None if mask.window is None else (mask.window - 1, 0)
-    out = jax.nn.dot_product_attention(
-        q, k, v, bias=bias, mask=key_valid, scale=scale,
-        is_causal=mask.causal, local_window_size=window,
-        implementation="cudnn")
-    return out, None
+    try:
+      return _cudnn(q, k, v, mask, bias, scale=scale), None
+    except ValueError as e:  # shapes cuDNN refuses at trace time
+      reason = f"cuDNN refused the call: {str(e).splitlines()[0][:200]}"
   _note_fallback(reason)
   return reference(q, k, v, mask, bias, scale=scale)[0], None
 
