@@ -31,6 +31,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.synthetic_num_items = 500
   c.data.synthetic_mean_len = 30
   c.data.synthetic_seed = 0
+  c.data.synthetic_zipf = 0.8  # synthetic: Zipf exponent of item popularity
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "sasrec"
@@ -70,14 +71,17 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.kv_raw = False  # sasrec norm: keys/values from the un-normed input
   c.model.pos_init = 0.02  # std of the position-embedding init
   c.model.final_norm = True  # LayerNorm on the last block's output
+  c.model.remat = False  # recompute each block in the backward pass
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "sampled_softmax"  # bce | softmax | sampled_softmax
   c.loss.num_negatives = 128
-  c.loss.sampling = "uniform"  # uniform | popularity
+  c.loss.sampling = "uniform"  # uniform | popularity | in_batch
   c.loss.negatives_group = 0  # positions sharing negatives; 0 = whole row
   c.loss.logq_correction = True
   c.loss.temperature = 1.0  # logits = <h, e> / temperature
+  c.loss.item_chunk = 8192  # softmax_chunked: items per block of the scan
+  c.loss.gbce_t = 0.75  # gbce: calibration t in [0, 1] (Petrov & Macdonald)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adam"  # adam | adamw
@@ -103,5 +107,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.checkpoint.every_epochs = 5
 
   c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # devices on the data axis; -1 = all
+  c.mesh.data = -1  # devices on the data axis; -1 = all not on model
+  c.mesh.model = 1  # devices on the model axis (item-table rows); -1 = rest
+  # Logical axis -> mesh axis (None = replicated).
+  c.mesh.rules = (("batch", "data"), ("items", "model"))
   return c

@@ -60,9 +60,12 @@ def validate(config) -> None:
   _validate_attention_options(config)
   _choice(config, "data.train_windows", ("last", "all"))
   _choice(config, "loss.name", losses.LOSSES)
-  _choice(config, "loss.sampling", ("uniform", "popularity"))
-  if config.loss.name != "softmax":
+  _choice(config, "loss.sampling", losses.SAMPLINGS)
+  if config.loss.name not in losses.EXACT:
     _positive(config, "loss.num_negatives")
+  _positive(config, "loss.item_chunk")
+  _require(0.0 <= config.loss.gbce_t <= 1.0,
+           f"config.loss.gbce_t={config.loss.gbce_t!r}: must be in [0, 1]")
   _choice(config, "optimizer.name", ("adam", "adamw"))
   _choice(config, "optimizer.schedule", ("constant", "cosine", "linear"))
   _positive(config, "optimizer.warmup_steps", zero_ok=True)

@@ -121,6 +121,9 @@ def sampled_softmax(model, h, targets, rng, config, log_q):
                                      neg_log_q)
 
 
+SAMPLINGS = ("uniform", "popularity")
+EXACT = ("softmax",)  # losses over every item: no `num_negatives`
+
 LOSSES = {
     "bce": bce,
     "softmax": softmax,
