@@ -80,7 +80,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.loss.negatives_group = 0  # positions sharing negatives; 0 = whole row
   c.loss.logq_correction = True
   c.loss.temperature = 1.0  # logits = <h, e> / temperature
-  c.loss.item_chunk = 8192  # softmax_chunked: items per block of the scan
+  c.loss.item_chunk = 1024  # softmax_chunked: items per block of the scan
   c.loss.gbce_t = 0.75  # gbce: calibration t in [0, 1] (Petrov & Macdonald)
 
   c.optimizer = ml_collections.ConfigDict()

@@ -63,6 +63,11 @@ def validate(config) -> None:
   _choice(config, "loss.sampling", losses.SAMPLINGS)
   if config.loss.name not in losses.EXACT:
     _positive(config, "loss.num_negatives")
+  _require(config.loss.sampling != "in_batch"
+           or config.loss.name == "sampled_softmax",
+           f"config.loss.sampling='in_batch' needs loss.name="
+           f"'sampled_softmax' (got {config.loss.name!r}); allowed for "
+           "bce and gbce: 'uniform', 'popularity'")
   _positive(config, "loss.item_chunk")
   _require(0.0 <= config.loss.gbce_t <= 1.0,
            f"config.loss.gbce_t={config.loss.gbce_t!r}: must be in [0, 1]")

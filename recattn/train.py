@@ -1,7 +1,9 @@
 """One trainer for every model: `train_and_evaluate(config, workdir)`.
 
 The train step is a pure function of (state, batch, rng), jit-compiled over
-a `data` mesh. Validation picks the checkpoint; test is evaluated once, on
+a `(data, model)` mesh: batches split over `data`, the item table and its
+Adam moments split by rows over `model` (`config.mesh.rules`), everything
+else replicated. Validation picks the checkpoint; test is evaluated once, on
 the selected checkpoint, at the end.
 """
 
@@ -140,29 +142,42 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                                 config.data.train_windows)
            if with_times else None)
 
-  mesh = sharding.make_mesh(config.mesh.data)
-  n_dev = mesh.shape["data"]
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.model)
+  rules = tuple(tuple(rule) for rule in config.mesh.rules)
+  logging.info("mesh: %s", dict(mesh.shape))
+  n_dev = sharding.axis_size(mesh, "batch", rules)
   for field, size in (("batch_size", config.batch_size),
                       ("eval.batch_size", config.eval.batch_size)):
     if size % n_dev:
       raise config_check.ConfigError(
           f"config.{field}={size} must be a multiple of the {n_dev} devices "
           "on the data axis")
-  batch_sharding = sharding.batch_sharding(mesh)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
   replicated = sharding.replicated(mesh)
 
   model = models.create(config.model, num_items=ds.num_items,
                         max_len=config.data.max_len, seed=config.seed)
+  item_shards = sharding.axis_size(mesh, "items", rules)
+  pad_rows = model.pad_item_rows(item_shards)
+  if pad_rows:
+    logging.info(
+        "item table padded from %d to %d rows to divide over the %d "
+        "devices of its mesh axis (padded rows are never scored)",
+        ds.num_items + 1, ds.num_items + 1 + pad_rows, item_shards)
   graphdef, params = nnx.split(model, nnx.Param)
   steps_per_epoch = math.ceil(len(inputs) / config.batch_size)
   total_steps = steps_per_epoch * config.num_epochs
   tx = make_optimizer(config.optimizer, total_steps)
   state = {"params": params, "opt_state": tx.init(params),
            "step": jnp.zeros((), jnp.int32)}
-  state = jax.device_put(state, replicated)
+  state_sharding = sharding.state_shardings(state, mesh, rules)
+  state = jax.device_put(state, state_sharding)
   log_q = sampler_log_q(config.loss, batching.item_counts(ds))
+  # Output shardings pinned to the input ones: the donated state keeps its
+  # layout step after step, whatever XLA would propagate.
   step_fn = jax.jit(make_train_step(graphdef, tx, config.loss, log_q),
-                    donate_argnums=0)
+                    donate_argnums=0,
+                    out_shardings=(state_sharding, replicated))
   base_rng = jax.random.key(config.seed)
 
   eval_kwargs = dict(
@@ -170,7 +185,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       filter_seen=config.eval.filter_seen,
       num_negatives=config.eval.num_negatives,
       negatives=config.eval.negatives, seed=config.eval.seed,
-      with_times=with_times, sharding=batch_sharding)
+      with_times=with_times, mesh=mesh, rules=rules)
   valid_eval = Evaluator(ds, "valid", **eval_kwargs)
 
   ckpts = checkpoint_lib.Checkpoints(workdir)
@@ -179,7 +194,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   restored = ckpts.restore_latest(state)
   if restored is not None:
     state, meta = restored
-    state = jax.device_put(state, replicated)
+    state = jax.device_put(state, state_sharding)
     logging.info("resumed from epoch %d (step %d)", meta["epoch"],
                  int(state["step"]))
   writer = reporting.MetricWriter(workdir, resume_step=int(state["step"]))
@@ -246,7 +261,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     progress.close()
 
     best_state, best_meta = ckpts.restore_best(state)
-    best_params = jax.device_put(best_state["params"], replicated)
+    best_params = jax.device_put(best_state["params"],
+                                 state_sharding["params"])
     test_eval = Evaluator(ds, "test", **eval_kwargs)
     final = {}
     final.update(valid_eval(graphdef, best_params))
@@ -270,7 +286,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         # state. Both are recorded.
         "train/s_per_epoch": float(np.median(epoch_seconds)),
         "train/first_epoch_s": epoch_seconds[0],
-        "train/num_params": _num_params(best_params),
+        # Rows padded for sharding are not parameters of the model.
+        "train/num_params": (_num_params(best_params) -
+                             pad_rows * config.model.dim),
     })
     if peak is not None:
       # Compiled estimate for a full-width [batch, max_len] training step.

@@ -11,7 +11,8 @@ Config fields read (all optional except `name`; defaults in `_DEFAULTS`):
   min_user_count  drop users with fewer interactions after the item filter
                   (default 3: leave-one-out needs train, valid and test items).
   synthetic_num_users / synthetic_num_items / synthetic_mean_len /
-  synthetic_seed  synthetic only (defaults 1000 / 500 / 30 / 0).
+  synthetic_seed / synthetic_zipf  synthetic only (defaults 1000 / 500 / 30 /
+                  0 / 0.8; zipf is the popularity exponent).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ _DEFAULTS: dict[str, Any] = {
     "synthetic_num_items": 500,
     "synthetic_mean_len": 30.0,
     "synthetic_seed": 0,
+    "synthetic_zipf": 0.8,
 }
 _DEFAULT_DATA_DIR = "~/.cache/recattn/tfds"
 
@@ -103,6 +105,7 @@ def make_builder(data_config: Any) -> SequenceBuilder:
         num_items=_field(data_config, "synthetic_num_items", int),
         mean_len=_field(data_config, "synthetic_mean_len", float),
         seed=_field(data_config, "synthetic_seed", int),
+        zipf=_field(data_config, "synthetic_zipf", float),
     )
     synthetic_params.validate()
   return BUILDERS[name](
@@ -156,7 +159,10 @@ def original_item_ids(data_config: Any) -> np.ndarray:
   builder = make_builder(data_config)
   if not builder.is_prepared():
     raise DataError(f"{builder.data_dir} is not prepared; call load() first")
-  return np.asarray(builder.info.metadata[ORIGINAL_ITEM_IDS], np.int64)
+  ids = builder.info.metadata[ORIGINAL_ITEM_IDS]
+  if ids is None:  # Synthetic items already are 1..V; see builders.py.
+    return np.arange(1, builder.info.metadata["items"] + 1, dtype=np.int64)
+  return np.asarray(ids, np.int64)
 
 
 def load(data_config: Any) -> SequenceDataset:

@@ -9,44 +9,134 @@ last state `h: [B, D]`, and ranks the held-out item
 Per-user metrics are summed on device; the host only adds batch sums.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from recattn import sharding as sharding_lib
 from recattn.data import batching
 from recattn.evaluation import metrics as metrics_lib
 
 
+def _local_scores(h, table, targets, seen, *, num_rows, filter_seen,
+                  items_axis):
+  """Inside `shard_map`: this shard's masked full-ranking scores.
+
+  Args:
+    h: `[b, D]` user states of this shard's rows.
+    table: `[r, D]` this shard's item vectors (rows lo..lo+r-1 of the
+      padded table; rows >= `num_rows` are padding).
+    targets: `[b]` held-out item ids; seen: `[b, S]` the users' earlier
+      items (0-padded).
+
+  Returns `(scores [b, r], target_scores [b], ids [r])`: the padding item 0,
+  padded rows and (with `filter_seen`) seen items are -inf, the target
+  keeps its score. Target scores are read where the matrix holds them (the
+  owning shard) and summed over `items_axis`, so ranks compare equal bits.
+  """
+  scores = h @ table.T  # [b, r]: only this shard's items
+  b, r = scores.shape
+  lo = 0 if items_axis is None else jax.lax.axis_index(items_axis) * r
+  ids = lo + jnp.arange(r, dtype=jnp.int32)
+  rows = jnp.arange(b)[:, None]
+
+  def local(global_ids):  # ids owned elsewhere -> r (dropped by scatters)
+    local_ids = global_ids - lo
+    return jnp.where((local_ids >= 0) & (local_ids < r), local_ids, r)
+
+  t_local = local(targets)
+  owned = t_local < r
+  target_scores = jnp.where(
+      owned, scores[rows[:, 0], jnp.minimum(t_local, r - 1)], 0.0)
+  if items_axis is not None:
+    target_scores = jax.lax.psum(target_scores, items_axis)
+  scores = jnp.where(((ids == 0) | (ids >= num_rows))[None], -jnp.inf,
+                     scores)
+  if filter_seen:
+    scores = scores.at[rows, local(seen)].set(-jnp.inf, mode="drop")
+    scores = scores.at[rows[:, 0], t_local].set(target_scores, mode="drop")
+  return scores, target_scores, ids
+
+
+def _full_ranking(h, vectors, targets, seen, *, filter_seen, mesh, rules,
+                  k=0):
+  """Rank of each target among all items (and, if k, the top-k ids).
+
+  Scores `[B, V]` exist only shard by shard: `[B / data, V / model]` per
+  device. Ranks are per-shard counts summed over the item axis; top-k
+  gathers `k` candidates per shard (`sharding.top_k_over_shards`).
+  Returns `(ranks [B], target_scores [B], top_ids [B, k] or None)`.
+  """
+  batch_axis, items_axis = sharding_lib.logical_to_spec(("batch", "items"),
+                                                        rules)
+  shards = sharding_lib.axis_size(mesh, "items", rules)
+  num_rows = vectors.shape[0]  # V + 1, item 0 being padding
+  pad = -num_rows % shards
+  if pad:  # rows the model did not pad itself (see pad_item_rows)
+    vectors = jnp.pad(vectors, ((0, pad), (0, 0)))
+
+  def body(h, table, targets, seen):
+    scores, target_scores, ids = _local_scores(
+        h, table, targets, seen, num_rows=num_rows, filter_seen=filter_seen,
+        items_axis=items_axis)
+    higher = jnp.sum(scores >= target_scores[:, None], axis=-1)
+    if items_axis is not None:
+      higher = jax.lax.psum(higher, items_axis)
+    ranks = higher - 1  # the target's own score is among `scores`
+    if not k:
+      return ranks, target_scores, None
+    if items_axis is None:
+      _, pos = jax.lax.top_k(scores, k)
+      return ranks, target_scores, ids[pos]
+    _, top = sharding_lib.top_k_over_shards(scores, ids, k, items_axis)
+    return ranks, target_scores, top
+
+  row = jax.sharding.PartitionSpec(batch_axis)
+  rows2 = jax.sharding.PartitionSpec(batch_axis, None)
+  items2 = jax.sharding.PartitionSpec(items_axis, None)
+  # check_vma=False: psum'ed and all-gathered outputs are equal on every
+  # item shard, which shard_map cannot infer for all_gather in jax 0.10.
+  return jax.shard_map(
+      body, mesh=mesh, in_specs=(rows2, items2, row, rows2),
+      out_specs=(row, row, rows2 if k else None),
+      check_vma=False)(h, vectors, targets, seen)
+
+
 def _eval_batch(graphdef, params, history, targets, seen, candidates,
-                weights, times=None, *, filter_seen: bool):
+                weights, times=None, *, filter_seen: bool, mesh, rules,
+                k: int = 0):
   model = nnx.merge(graphdef, params)
   # Models without time-aware attention need not take `times`.
   kwargs = {} if times is None else {"times": times}
   h = model.encode(history, **kwargs)[:, -1]  # [B, D]
-  scores = h @ model.all_item_vectors().T  # [B, V + 1]
-  rows = jnp.arange(scores.shape[0])[:, None]
-  target_scores = scores[rows[:, 0], targets]
-  scores = scores.at[:, 0].set(-jnp.inf)
-  if filter_seen:
-    scores = scores.at[rows, seen].set(-jnp.inf)
-    scores = scores.at[rows[:, 0], targets].set(target_scores)
-  full = metrics_lib.ranking_metrics(
-      metrics_lib.rank_of_target(scores, target_scores))
+  ranks, target_scores, top = _full_ranking(
+      h, model.all_item_vectors(), targets, seen, filter_seen=filter_seen,
+      mesh=mesh, rules=rules, k=k)
+  if k:
+    return top
+  full = metrics_lib.ranking_metrics(ranks)
   cand_scores = jnp.einsum("bd,bcd->bc", h, model.item_vectors(candidates))
   cand_scores = jnp.concatenate([target_scores[:, None], cand_scores], -1)
   sampled = metrics_lib.ranking_metrics(
       metrics_lib.rank_of_target(cand_scores, target_scores))
-  total = lambda m: {k: jnp.sum(v * weights) for k, v in m.items()}
+  total = lambda m: {name: jnp.sum(v * weights) for name, v in m.items()}
   return total(full), total(sampled)
 
 
 class Evaluator:
-  """Evaluates a model's parameters on the `valid` or `test` split."""
+  """Evaluates a model's parameters on the `valid` or `test` split.
+
+  `mesh` (default: one device) splits users over `data` and the full
+  ranking's items over `model`, as `rules` say.
+  """
 
   def __init__(self, ds, split: str, *, max_len: int, batch_size: int,
                filter_seen: bool, num_negatives: int, negatives: str,
-               seed: int, with_times: bool = False, sharding=None):
+               seed: int, with_times: bool = False, mesh=None,
+               rules=sharding_lib.DEFAULT_RULES):
     self.split = split
     self.batch_size = batch_size
     self.sampled_name = f"sampled_{negatives}{num_negatives}"
@@ -60,14 +150,20 @@ class Evaluator:
     self.seen_width = int(-(-np.max(self.ends - self.starts) // 128) * 128)
     self.candidates = batching.sample_eval_negatives(
         ds, num_negatives, negatives, seed)
-    self.sharding = sharding
-    self._fn = jax.jit(_eval_batch, static_argnums=0,
-                       static_argnames="filter_seen")
+    mesh = sharding_lib.make_mesh(1, 1) if mesh is None else mesh
+    data = sharding_lib.axis_size(mesh, "batch", rules)
+    if batch_size % data:
+      raise ValueError(f"config.eval.batch_size={batch_size} must be a "
+                       f"multiple of the {data} devices on the data axis")
+    self.sharding = sharding_lib.batch_sharding(mesh, rules)
+    self._fn = jax.jit(
+        functools.partial(_eval_batch, mesh=mesh, rules=rules),
+        static_argnums=0, static_argnames=("filter_seen", "k"))
     self.filter_seen = filter_seen
 
-  def __call__(self, graphdef, params) -> dict[str, float]:
+  def _batches(self):
+    """`(batch tuple, number of real users)` on the mesh, in user order."""
     n = len(self.targets)
-    sums = None
     for lo in range(0, n, self.batch_size):
       rows = np.arange(lo, lo + self.batch_size)
       rows = np.where(rows < n, rows, -1)
@@ -83,13 +179,31 @@ class Evaluator:
       )
       if self.times is not None:
         batch += (self.times[safe],)
-      if self.sharding is not None:
-        batch = jax.device_put(batch, self.sharding)
+      yield jax.device_put(batch, self.sharding), int(valid.sum())
+
+  def __call__(self, graphdef, params) -> dict[str, float]:
+    sums = None
+    for batch, _ in self._batches():
       out = self._fn(graphdef, params, *batch, filter_seen=self.filter_seen)
       sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     full, sampled = jax.device_get(sums)
+    n = len(self.targets)
     result = {}
     for protocol, values in (("full", full), (self.sampled_name, sampled)):
       for k, v in values.items():
         result[f"{self.split}/{protocol}/{k}"] = float(v) / n
     return result
+
+  def top_k(self, graphdef, params, k: int) -> np.ndarray:
+    """`[users, k]` top item ids of the full ranking, best first.
+
+    The items the full protocol ranks: no padding, seen items removed when
+    `filter_seen` (the target kept), so `target in top_k` is HR@k. Taken
+    with the sharded top-k: no device holds a row's scores for all items.
+    """
+    out = []
+    for batch, n in self._batches():
+      top = self._fn(graphdef, params, *batch, filter_seen=self.filter_seen,
+                     k=k)
+      out.append(np.asarray(jax.device_get(top))[:n])
+    return np.concatenate(out)

@@ -4,6 +4,10 @@ the shared input/output item table, and unit-norm scoring.
 Subclasses build `self.blocks` (and may override `output`); `encode(items)
 gives `[B, L, D]` user states. The trainer, losses and evaluators only use
 `encode`, `item_vectors` and `all_item_vectors`.
+
+The item table's rows carry the logical axis "items" (sharded over the
+`model` mesh axis by `config.mesh.rules`); `pad_item_rows` rounds the row
+count up so that it divides over that axis.
 """
 
 import math
@@ -32,8 +36,12 @@ class SequenceRecommender(nnx.Module):
   def __init__(self, *, num_items: int, max_len: int, dim: int,
                dropout: float, l2_norm: bool, pos_init: float = 0.02,
                num_heads: int = 1, rel_bias: str = "none",
-               rngs: nnx.Rngs):
+               remat: bool = False, rngs: nnx.Rngs):
     self.dim = dim
+    self.num_items = num_items
+    # Recompute each block's activations in the backward pass (memory for
+    # long sequences, at the cost of a second forward through the blocks).
+    self.remat = remat
     if rel_bias not in REL_BIASES:
       raise ValueError(f"model.rel_bias={rel_bias!r}: allowed values are "
                        f"{list(REL_BIASES)}")
@@ -45,9 +53,13 @@ class SequenceRecommender(nnx.Module):
     if uses_time(rel_bias):
       self.time_bias = relative.TimeIntervalBias(num_heads, rngs=rngs)
     self.l2_norm = l2_norm
-    # Row 0 is padding; it is masked out of every score and loss.
+    # Row 0 is padding; it is masked out of every score and loss. Rows are
+    # the logical "items" axis (eager_sharding=False: models are built
+    # before, and independently of, any mesh; the trainer places them).
     self.item_embedding = nnx.Embed(
-        num_items + 1, dim, embedding_init=nnx.initializers.normal(0.02),
+        num_items + 1, dim, embedding_init=nnx.with_partitioning(
+            nnx.initializers.normal(0.02), ("items", None),
+            eager_sharding=False),
         rngs=rngs)
     # Positions are counted from the most recent item (right-aligned).
     self.pos_embedding = nnx.Embed(
@@ -66,7 +78,26 @@ class SequenceRecommender(nnx.Module):
 
   def all_item_vectors(self) -> jax.Array:
     """`[V + 1, D]`; row 0 (padding) must be masked by the caller."""
-    return self._normalize(self.item_embedding.embedding[...])
+    table = self.item_embedding.embedding[...]
+    if table.shape[0] != self.num_items + 1:  # rows added by pad_item_rows
+      table = table[:self.num_items + 1]
+    return self._normalize(table)
+
+  def pad_item_rows(self, multiple: int) -> int:
+    """Appends zero rows to the item table up to a multiple of `multiple`.
+
+    For sharding the rows over a `model` axis of that size. The extra rows
+    (ids > V) are never looked up, scored or sampled: `all_item_vectors`
+    still gives `[V + 1, D]`, so their gradient, and their Adam moments,
+    stay zero. Call before `nnx.split`. Returns the number of rows added.
+    """
+    table = self.item_embedding.embedding
+    rows = table.shape[0]
+    pad = -rows % multiple
+    if pad:
+      table.set_value(jnp.pad(table[...], ((0, pad), (0, 0))))
+      self.item_embedding.num_embeddings = rows + pad
+    return pad
 
   @staticmethod
   def common_kwargs(model_config) -> dict:
@@ -82,6 +113,7 @@ class SequenceRecommender(nnx.Module):
         l2_norm=get("l2_norm", False),
         attn_config=None if attn is None else attn.to_dict(),
         rel_bias=get("rel_bias", "none"),
+        remat=get("remat", False),
     )
 
   def attention_bias(self, times: jax.Array | None = None):
@@ -136,8 +168,14 @@ class SequenceRecommender(nnx.Module):
     mask = attention.Mask(causal=True, key_valid=valid)
     bias = self.attention_bias(times)
     weights = []
+
+    def run(block, x, mask, bias, rngs):
+      return block(x, mask, bias, rngs=rngs, return_weights=return_weights)
+
+    if self.remat:
+      run = nnx.remat(run)
     for block in self.blocks:
-      x, w = block(x, mask, bias, rngs=rngs, return_weights=return_weights)
+      x, w = run(block, x, mask, bias, rngs)
       x = x * keep
       weights.append(w)
     h = self.output(x)
