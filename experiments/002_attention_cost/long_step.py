@@ -5,7 +5,7 @@
 
 The recattn trainer's own step (`train.make_train_step`: encode, sampled
 softmax with 128 negatives per row, Adam update) on random item sequences of
-length `--length` (default 16,384) with batch 8, d=64, 2 blocks, 1 head. For
+length `--lengths` (default 16,384) with batch 8, d=64, 2 blocks, 1 head. For
 each variant it reports the compiled step's memory (XLA memory analysis:
 arguments + outputs + temporaries) and the wall time of two steps after the
 compiling one. Variants whose compiled memory exceeds `--max_gib` are not run.
@@ -34,7 +34,12 @@ _OUT = flags.DEFINE_string("out", None, "Where to write the JSON results.")
 _VARIANTS = flags.DEFINE_list(
     "variants", ["blockwise", "local", "linear", "low_rank", "hstu_tiled",
                  "scaled_dot"], "Variants (hstu_tiled = hstu with key tiles).")
-_LENGTH = flags.DEFINE_integer("length", 16384, "Sequence length.")
+_LENGTHS = flags.DEFINE_list("lengths", ["16384"], "Sequence lengths.")
+_REMAT = flags.DEFINE_bool("remat", False,
+                           "Recompute each block in the backward pass "
+                           "(`model.remat`).")
+_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False,
+                                  "Memory analysis only, no timed steps.")
 _BATCH = flags.DEFINE_integer("batch", 8, "Sequences per step.")
 _DIM = flags.DEFINE_integer("dim", 64, "Model dimension.")
 _ITEMS = flags.DEFINE_integer("items", 20000, "Catalogue size.")
@@ -44,6 +49,7 @@ _MAX_GIB = flags.DEFINE_float("max_gib", 20.0, "Run only below this memory.")
 def config_for(variant: str):
   c = base.get_base_config()
   c.model.dim = _DIM.value
+  c.model.remat = _REMAT.value
   c.model.num_blocks = 2
   c.model.num_heads = 1
   c.model.dropout = 0.2
@@ -60,9 +66,9 @@ def config_for(variant: str):
   return c
 
 
-def measure(variant: str) -> dict:
+def measure(variant: str, length: int) -> dict:
   c = config_for(variant)
-  length, batch = _LENGTH.value, _BATCH.value
+  batch = _BATCH.value
   model = models.create(c.model, num_items=_ITEMS.value, max_len=length,
                         seed=0)
   graphdef, params = nnx.split(model)
@@ -77,13 +83,15 @@ def measure(variant: str) -> dict:
   data = {"inputs": jnp.asarray(seq[:, :-1], jnp.int32),
           "targets": jnp.asarray(seq[:, 1:], jnp.int32)}
   row = {"variant": variant, "L": length, "B": batch, "dim": _DIM.value,
-         "blocks": 2, "heads": 1}
+         "blocks": 2, "heads": 1, "remat": _REMAT.value}
   t0 = time.time()
   compiled = step.lower(state, data, jax.random.key(0)).compile()
   row["compile_s"] = time.time() - t0
   mem = compiled.memory_analysis()
   row["peak_bytes"] = int(mem.argument_size_in_bytes +
                           mem.output_size_in_bytes + mem.temp_size_in_bytes)
+  if _COMPILE_ONLY.value:
+    return row
   if row["peak_bytes"] > _MAX_GIB.value * 2**30:
     row["skipped"] = "compiled memory above --max_gib"
     return row
@@ -103,11 +111,13 @@ def main(argv):
   del argv
   rows = []
   for variant in _VARIANTS.value:
-    row = measure(variant)
-    rows.append(row)
-    print(f"{variant:>12} mem={row['peak_bytes'] / 2**30:6.2f} GiB "
-          f"step={row.get('step_s', '-')} {row.get('skipped', '')}",
-          flush=True)
+    for length in (int(x) for x in _LENGTHS.value):
+      row = measure(variant, length)
+      rows.append(row)
+      print(f"{variant:>12} L={length:>6} mem="
+            f"{row['peak_bytes'] / 2**30:6.2f} GiB "
+            f"step={row.get('step_s', '-')} {row.get('skipped', '')}",
+            flush=True)
   if _OUT.value:
     reporting.write_json(_OUT.value, {"env": reporting.environment(),
                                       "command": " ".join(sys.argv),
