@@ -33,17 +33,25 @@ class Checkpoints:
 
   def __init__(self, workdir: str):
     root = os.path.join(os.path.abspath(workdir), "ckpt")
-    opts = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
-    # Handlers named up front, so that a fresh manager (a resumed run) can
-    # read the saved arrays' shapes before restoring (`item_metadata`).
-    def handlers():
-      return {"state": ocp.StandardCheckpointHandler(),
-              "meta": ocp.JsonCheckpointHandler()}
-    self.latest = ocp.CheckpointManager(os.path.join(root, "latest"),
-                                        options=opts,
-                                        item_handlers=handlers())
-    self.best = ocp.CheckpointManager(os.path.join(root, "best"),
-                                      options=opts, item_handlers=handlers())
+
+    def manager(name):
+      # Across processes the two managers save the same step back to back:
+      # their barriers need distinct names, and saves are synchronous (two
+      # managers' background saves raced on shared barriers).
+      opts = ocp.CheckpointManagerOptions(
+          max_to_keep=1, create=True,
+          enable_async_checkpointing=jax.process_count() == 1,
+          multiprocessing_options=ocp.options.MultiprocessingOptions(
+              barrier_sync_key_prefix=name))
+      # Handlers named up front, so that a fresh manager (a resumed run)
+      # can read the saved arrays' shapes before restoring.
+      return ocp.CheckpointManager(
+          os.path.join(root, name), options=opts,
+          item_handlers={"state": ocp.StandardCheckpointHandler(),
+                         "meta": ocp.JsonCheckpointHandler()})
+
+    self.latest = manager("latest")
+    self.best = manager("best")
 
   @staticmethod
   def _save(manager, step: int, state, meta: dict) -> None:

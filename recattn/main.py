@@ -3,6 +3,10 @@
   python -m recattn.main --config=configs/sasrec_ml1m.py[:arg] \
       --workdir=<dir> [--config.<field>=<value> ...]
 
+Several processes (hosts) add `--coordinator_address=host:port
+--num_processes=N --process_id=i`, or `--distributed=auto` where JAX can
+read them from the cluster (SLURM, Cloud TPU); see docs/distributed.md.
+
 Parses flags and calls `train.train_and_evaluate`; everything else is a
 library importable from notebooks and tests.
 """
@@ -14,6 +18,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from recattn import distributed
 from recattn import train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -21,6 +26,17 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory: records, checkpoints; a rerun resumes.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "Multi-process: host:port of process 0 (jax.distributed coordinator).")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Multi-process: total number of processes.")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "Multi-process: this process's index, 0-based.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "off", ["off", "auto"],
+    "auto: jax.distributed detects coordinator, process count and id from "
+    "the cluster (SLURM, Cloud TPU, ...); env RECATTN_DISTRIBUTED=1 too.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -32,6 +48,10 @@ def main(argv):
   quiet = lambda r: r.levelno >= std_logging.WARNING or (
       "/orbax/" not in r.pathname)
   logging.get_absl_logger().addFilter(quiet)
+  # Before anything touches devices.
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
+                         _PROCESS_ID.value,
+                         auto=_DISTRIBUTED.value == "auto")
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (train.config_check.ConfigError, train.data_lib.DataError,

@@ -21,6 +21,7 @@ from flax import nnx
 from recattn import checkpoint as checkpoint_lib
 from recattn import config_check
 from recattn import data as data_lib
+from recattn import distributed
 from recattn import losses
 from recattn import models
 from recattn import reporting
@@ -113,6 +114,36 @@ def _num_params(params) -> int:
   return int(sum(x.size for x in jax.tree.leaves(params)))
 
 
+class _NoWriter:
+  """MetricWriter stand-in for processes other than 0: records once."""
+
+  def write(self, step, scalars):
+    del step, scalars
+
+  def close(self):
+    pass
+
+
+def _load_data(data_config):
+  """`data_lib.load`, process 0 first: it prepares what others then read."""
+  if not distributed.is_primary():
+    distributed.barrier("data prepared")
+  ds = data_lib.load(data_config)
+  if distributed.is_primary():
+    distributed.barrier("data prepared")
+  return ds
+
+
+def _train_batch(inputs, targets, times, rows, width, local):
+  """This process's rows `rows[local]` of a batch, last `width` steps."""
+  rows = rows[local]
+  batch = {"inputs": batching.take_rows(inputs, rows)[:, -width:],
+           "targets": batching.take_rows(targets, rows)[:, -width:]}
+  if times is not None:
+    batch["times"] = batching.take_rows(times, rows)[:, -width:]
+  return batch
+
+
 def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """Trains, selects on validation, tests the selected checkpoint.
 
@@ -121,12 +152,17 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   config_check.validate(config)
   t_start = time.time()
   os.makedirs(workdir, exist_ok=True)
-  reporting.write_json(os.path.join(workdir, "config.json"),
-                       config.to_dict())
-  reporting.write_env(os.path.join(workdir, "env.json"))
+  # Several processes (jax.distributed) share the workdir: process 0 writes
+  # the records, all of them take part in checkpoints.
+  primary = distributed.is_primary()
+  if primary:
+    reporting.write_json(os.path.join(workdir, "config.json"),
+                         config.to_dict())
+    reporting.write_env(os.path.join(workdir, "env.json"))
 
-  ds = data_lib.load(config.data)
-  reporting.write_json(os.path.join(workdir, "data_card.json"), ds.card)
+  ds = _load_data(config.data)
+  if primary:
+    reporting.write_json(os.path.join(workdir, "data_card.json"), ds.card)
   logging.info("data: %s", ds.card)
   inputs, targets = batching.train_arrays(ds, config.data.max_len,
                                           config.data.train_windows)
@@ -145,6 +181,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.model)
   rules = tuple(tuple(rule) for rule in config.mesh.rules)
   logging.info("mesh: %s", dict(mesh.shape))
+  if jax.process_count() > 1 and mesh.size != jax.device_count():
+    raise config_check.ConfigError(
+        f"config.mesh.data * config.mesh.model = {mesh.size}, but a "
+        f"{jax.process_count()}-process run must use all "
+        f"{jax.device_count()} devices (every process holds part of the "
+        "mesh); use -1 for one of the two")
   n_dev = sharding.axis_size(mesh, "batch", rules)
   for field, size in (("batch_size", config.batch_size),
                       ("eval.batch_size", config.eval.batch_size)):
@@ -154,6 +196,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
           "on the data axis")
   batch_sharding = sharding.batch_sharding(mesh, rules)
   replicated = sharding.replicated(mesh)
+  # Every process walks the same global batches (same seed) and builds only
+  # the rows its devices hold.
+  local = distributed.local_rows(batch_sharding, config.batch_size)
+  logging.info("process %d of %d builds batch rows %d:%d of %d",
+               jax.process_index(), jax.process_count(), local.start,
+               local.stop, config.batch_size)
 
   model = models.create(config.model, num_items=ds.num_items,
                         max_len=config.data.max_len, seed=config.seed)
@@ -197,9 +245,11 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     state = jax.device_put(state, state_sharding)
     logging.info("resumed from epoch %d (step %d)", meta["epoch"],
                  int(state["step"]))
-  writer = reporting.MetricWriter(workdir, resume_step=int(state["step"]))
+  writer = (reporting.MetricWriter(workdir, resume_step=int(state["step"]))
+            if primary else _NoWriter())
   progress = reporting.Progress(total_steps, int(state["step"]),
-                                enabled=config.get("progress", True))
+                                enabled=primary and config.get("progress",
+                                                               True))
   select = config.eval.select_metric
 
   epoch = meta["epoch"]
@@ -212,11 +262,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         width = batching.window_length(
             lengths[rows[rows >= 0]], config.data.max_len,
             config.data.bucket_step)
-        batch = {"inputs": batching.take_rows(inputs, rows)[:, -width:],
-                 "targets": batching.take_rows(targets, rows)[:, -width:]}
-        if times is not None:
-          batch["times"] = batching.take_rows(times, rows)[:, -width:]
-        batch = jax.device_put(batch, batch_sharding)
+        batch = distributed.place(
+            _train_batch(inputs, targets, times, rows, width, local),
+            batch_sharding, config.batch_size)
         state, loss = step_fn(state, batch, base_rng)
         epoch_losses.append(loss)
         progress.update(epoch * steps_per_epoch +
@@ -270,11 +318,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     epoch_seconds = meta["epoch_seconds"]
     widest = np.arange(config.batch_size)
     widest[widest >= len(inputs)] = -1  # padding rows, as in epoch_batches
-    widest_batch = {"inputs": batching.take_rows(inputs, widest),
-                    "targets": batching.take_rows(targets, widest)}
-    if times is not None:
-      widest_batch["times"] = batching.take_rows(times, widest)
-    widest_batch = jax.device_put(widest_batch, batch_sharding)
+    widest_batch = distributed.place(
+        _train_batch(inputs, targets, times, widest, config.data.max_len,
+                     local), batch_sharding, config.batch_size)
     peak = step_peak_bytes(step_fn, state, widest_batch, base_rng)
     final.update({
         "train/epochs": meta["epoch"],
@@ -295,7 +341,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       final["train/peak_bytes"] = peak
     writer.write(int(state["step"]), {k: v for k, v in final.items()
                                       if k.startswith("test/")})
-    reporting.write_json(os.path.join(workdir, "final_metrics.json"), final)
+    if primary:
+      reporting.write_json(os.path.join(workdir, "final_metrics.json"),
+                           final)
     logging.info("final: %s", {k: v for k, v in final.items()
                                if k.endswith("@10") or k.startswith("train/")})
     return final

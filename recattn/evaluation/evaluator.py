@@ -7,6 +7,7 @@ last state `h: [B, D]`, and ranks the held-out item
   * `sampled_<strategy><N>`: against N negatives drawn once per run, none of
     which the user ever interacted with (SASRec's protocol).
 Per-user metrics are summed on device; the host only adds batch sums.
+With several processes each builds only its devices' rows of a batch.
 """
 
 import functools
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from recattn import distributed
 from recattn import sharding as sharding_lib
 from recattn.data import batching
 from recattn.evaluation import metrics as metrics_lib
@@ -156,17 +158,24 @@ class Evaluator:
       raise ValueError(f"config.eval.batch_size={batch_size} must be a "
                        f"multiple of the {data} devices on the data axis")
     self.sharding = sharding_lib.batch_sharding(mesh, rules)
+    self._local = distributed.local_rows(self.sharding, batch_size)
     self._fn = jax.jit(
         functools.partial(_eval_batch, mesh=mesh, rules=rules),
         static_argnums=0, static_argnames=("filter_seen", "k"))
     self.filter_seen = filter_seen
 
   def _batches(self):
-    """`(batch tuple, number of real users)` on the mesh, in user order."""
+    """`(batch tuple, number of real users)` on the mesh, in user order.
+
+    This process builds only the rows its devices hold (all of them for
+    one process); the count is the whole batch's.
+    """
     n = len(self.targets)
     for lo in range(0, n, self.batch_size):
       rows = np.arange(lo, lo + self.batch_size)
       rows = np.where(rows < n, rows, -1)
+      num_valid = int(np.sum(rows >= 0))
+      rows = rows[self._local]
       valid = rows >= 0
       safe = np.where(valid, rows, 0)
       batch = (
@@ -179,14 +188,15 @@ class Evaluator:
       )
       if self.times is not None:
         batch += (self.times[safe],)
-      yield jax.device_put(batch, self.sharding), int(valid.sum())
+      yield (distributed.place(batch, self.sharding, self.batch_size),
+             num_valid)
 
   def __call__(self, graphdef, params) -> dict[str, float]:
     sums = None
     for batch, _ in self._batches():
       out = self._fn(graphdef, params, *batch, filter_seen=self.filter_seen)
       sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-    full, sampled = jax.device_get(sums)
+    full, sampled = jax.device_get(sums)  # scalars: replicated everywhere
     n = len(self.targets)
     result = {}
     for protocol, values in (("full", full), (self.sampled_name, sampled)):
@@ -205,5 +215,5 @@ class Evaluator:
     for batch, n in self._batches():
       top = self._fn(graphdef, params, *batch, filter_seen=self.filter_seen,
                      k=k)
-      out.append(np.asarray(jax.device_get(top))[:n])
+      out.append(np.asarray(distributed.gather(top))[:n])
     return np.concatenate(out)
