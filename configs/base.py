@@ -78,6 +78,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.loss.num_negatives = 128
   c.loss.sampling = "uniform"  # uniform | popularity | in_batch
   c.loss.negatives_group = 0  # positions sharing negatives; 0 = whole row
+  # > 0: each position picks its negatives from one pool of this many items
+  # per step (per-position negatives at the cost of one matmul)
+  c.loss.negatives_pool = 0
   c.loss.logq_correction = True
   c.loss.temperature = 1.0  # logits = <h, e> / temperature
   c.loss.item_chunk = 1024  # softmax_chunked: items per block of the scan

@@ -69,6 +69,7 @@ def validate(config) -> None:
            f"'sampled_softmax' (got {config.loss.name!r}); allowed for "
            "bce and gbce: 'uniform', 'popularity'")
   _positive(config, "loss.item_chunk")
+  _positive(config, "loss.negatives_pool", zero_ok=True)
   _require(0.0 <= config.loss.gbce_t <= 1.0,
            f"config.loss.gbce_t={config.loss.gbce_t!r}: must be in [0, 1]")
   _choice(config, "optimizer.name", ("adam", "adamw"))

@@ -307,6 +307,30 @@ def _in_batch_sampled_softmax(model, h, targets, rng, config):
                                      neg_log_q)
 
 
+def _pooled_negatives(model, h, rng, config, log_q, b: int, l: int):
+  """Fresh negatives at every position, drawn from a pool shared per step.
+
+  `config.negatives_pool` = P items are drawn for the whole batch, the
+  logits against them computed by one matmul `[B, L, P]`, and each position
+  takes `num_negatives` of those columns at random: every position sees its
+  own negatives (as `negatives_group=1`), each still distributed as the
+  sampler (so the logQ correction is unchanged), at the cost of a P-column
+  matmul instead of gathering `[B, L, N, D]` item vectors. Only P distinct
+  items are pushed down per step, though: on ML-1M a pool of 1,024 learned
+  slower than the default per-row negatives (experiments/001_sasrec_ml1m).
+
+  Returns `(neg_logits [B, L, N], negative ids [B, L, N])`.
+  """
+  pool_rng, pick_rng = jax.random.split(rng)
+  pool = sample_negatives(pool_rng, (config.negatives_pool,), log_q,
+                          config.sampling)  # [P]
+  logits = jnp.einsum("bld,pd->blp", h, model.item_vectors(pool))
+  pick = jax.random.randint(pick_rng, (b, l, config.num_negatives), 0,
+                            config.negatives_pool)
+  neg = jnp.take_along_axis(logits, pick, axis=-1) / config.temperature
+  return neg, pool[pick]
+
+
 def sampled_softmax(model, h, targets, rng, config, log_q):
   """Sampled softmax with `num_negatives` negatives per group of positions.
 
@@ -315,22 +339,27 @@ def sampled_softmax(model, h, targets, rng, config, log_q):
   generative-recommenders). Every position scores `num_negatives` items
   whatever the grouping, so the logits cost the same; smaller groups only
   gather more embeddings and push down more distinct items per step.
+  `config.negatives_pool > 0` gives every position its own negatives
+  picked from one pool per step (see `_pooled_negatives`), and
   `config.sampling="in_batch"` uses the batch's targets as negatives
   instead (see `_in_batch_sampled_softmax`).
   """
   if config.sampling == "in_batch":
     return _in_batch_sampled_softmax(model, h, targets, rng, config)
   b, l = targets.shape
-  group = config.get("negatives_group", 0) or l
-  g = -(-l // group)  # groups per row
-  pad = g * group - l
-  negs = sample_negatives(rng, (b, g, config.num_negatives), log_q,
-                          config.sampling)  # [B, G, N]
   pos = jnp.sum(h * model.item_vectors(targets), -1) / config.temperature
-  hg = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(b, g, group, -1)
-  neg = jnp.einsum("bgcd,bgnd->bgcn", hg, model.item_vectors(negs))
-  neg = neg.reshape(b, g * group, -1)[:, :l] / config.temperature
-  negs_at = jnp.repeat(negs, group, axis=1)[:, :l]  # [B, L, N]
+  if config.get("negatives_pool", 0):
+    neg, negs_at = _pooled_negatives(model, h, rng, config, log_q, b, l)
+  else:
+    group = config.get("negatives_group", 0) or l
+    g = -(-l // group)  # groups per row
+    pad = g * group - l
+    negs = sample_negatives(rng, (b, g, config.num_negatives), log_q,
+                            config.sampling)  # [B, G, N]
+    hg = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(b, g, group, -1)
+    neg = jnp.einsum("bgcd,bgnd->bgcn", hg, model.item_vectors(negs))
+    neg = neg.reshape(b, g * group, -1)[:, :l] / config.temperature
+    negs_at = jnp.repeat(negs, group, axis=1)[:, :l]  # [B, L, N]
   hits = targets[..., None] == negs_at
   pos_log_q = neg_log_q = None
   if config.logq_correction:

@@ -300,3 +300,33 @@ def test_one_epoch_of_chunked_softmax_training(tmp_path):
     loss = json.loads(f.readline())["train/loss"]
   np.testing.assert_allclose(loss, np.log(100), rtol=0.05)  # ~ uniform at init
   assert final["valid/full/ndcg@10"] > 0
+
+
+def test_pooled_negatives_match_a_numpy_reference():
+  # negatives_pool: one pool per step, each position picks its own columns.
+  v, d, pool, n = 30, 4, 8, 5
+  table = RNG.normal(size=(v + 1, d))
+  h = RNG.normal(size=(2, 3, d))
+  t = np.array([[0, 4, 9], [7, 7, 2]])
+  counts = np.arange(v + 1, dtype=np.float64)
+  counts[0] = 0
+  log_q = np.log(counts / counts.sum())
+  cfg = _loss_config(num_negatives=n, negatives_pool=pool,
+                     sampling="popularity")
+  rng = jax.random.key(3)
+  got = _loss_of("sampled_softmax", cfg, rng, jnp.array(log_q, jnp.float32))(
+      jnp.array(h), jnp.array(table), jnp.array(t))
+  # The same draws, read back from the sampler, then float64 numpy.
+  pool_rng, pick_rng = jax.random.split(rng)
+  ids = np.asarray(losses.sample_negatives(
+      pool_rng, (pool,), jnp.array(log_q, jnp.float32), "popularity"))
+  pick = np.asarray(jax.random.randint(pick_rng, (2, 3, n), 0, pool))
+  negs = ids[pick]  # [B, L, N]: different columns at different positions
+  assert len({tuple(x) for x in negs.reshape(-1, n)}) > 1
+  pos = np.sum(h * table[t], -1) / 0.7 - np.where(t > 0, log_q[t], 0)
+  neg = np.einsum("bld,blnd->bln", h, table[negs]) / 0.7 - log_q[negs]
+  neg = np.where(negs == t[..., None], -np.inf, neg)
+  all_l = np.concatenate([pos[..., None], neg], -1)
+  want = np.log(np.exp(all_l).sum(-1)) - pos
+  want = (want * (t > 0)).sum() / (t > 0).sum()
+  np.testing.assert_allclose(got, want, rtol=1e-5)
