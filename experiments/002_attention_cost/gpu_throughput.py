@@ -21,7 +21,6 @@ others still run, so the script can be smoke-tested anywhere.
 
 import os
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -34,6 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from recattn import attention  # pylint: disable=g-import-not-at-top
 from recattn import reporting  # pylint: disable=g-import-not-at-top
+import timing  # pylint: disable=g-import-not-at-top,g-bad-import-order
 
 _OUT = flags.DEFINE_string("out", None, "Where to write the JSON results.")
 _LENGTHS = flags.DEFINE_list("lengths", ["2048", "4096", "8192"], "Lengths.")
@@ -46,19 +46,7 @@ _REPS = flags.DEFINE_integer("reps", 10, "Timed runs per point.")
 
 
 def _time(fn, *args) -> float:
-  jax.block_until_ready(fn(*args))  # compile + warm up
-  times = []
-  for _ in range(_REPS.value):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
-
-
-def _grad_fn(attend):
-  def loss(q, k, v, cot):
-    return jnp.sum((attend(q, k, v) * cot).astype(jnp.float32))
-  return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  return timing.median_time(fn, *args, reps=_REPS.value)
 
 
 def main(argv):
@@ -73,13 +61,14 @@ def main(argv):
     flops = 7 * 2 * b * h * length * length * d / 2
     fns = {}
     for impl in ("cudnn", "xla"):
-      fns[impl] = _grad_fn(
+      fns[impl] = timing.grad_fn(
           lambda q, k, v, impl=impl: jax.nn.dot_product_attention(
               q, k, v, is_causal=True, implementation=impl))
     mask = attention.Mask(causal=True)
     for name in _VARIANTS.value:
       core = attention.layer(name, h, d, rngs=nnx.Rngs(0))
-      fns[name] = _grad_fn(lambda q, k, v, core=core: core(q, k, v, mask)[0])
+      fns[name] = timing.grad_fn(
+          lambda q, k, v, core=core: core(q, k, v, mask)[0])
     base = None
     for name, fn in fns.items():
       row = {"name": name, "L": length, "B": b, "H": h, "head_dim": d,

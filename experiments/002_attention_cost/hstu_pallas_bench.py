@@ -24,7 +24,6 @@ interpreter.
 
 import os
 import sys
-import time
 
 from absl import app
 from absl import flags
@@ -35,6 +34,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from recattn import reporting  # pylint: disable=g-import-not-at-top
+import timing  # pylint: disable=g-import-not-at-top,g-bad-import-order
 from recattn.attention import hstu_pallas  # pylint: disable=g-import-not-at-top
 from recattn.attention.hstu import hstu  # pylint: disable=g-import-not-at-top
 from recattn.attention.masks import Mask  # pylint: disable=g-import-not-at-top
@@ -64,21 +64,13 @@ SWEEP = (
 
 
 def _time(fn, *args) -> float:
-  jax.block_until_ready(fn(*args))  # compile + warm up
-  times = []
-  for _ in range(_REPS.value):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+  return timing.median_time(fn, *args, reps=_REPS.value)
 
 
 def _fns(attend):
   """(forward, forward + backward), jitted."""
-  def loss(q, k, v, cot):
-    return jnp.sum((attend(q, k, v) * cot).astype(jnp.float32))
   return (jax.jit(lambda q, k, v, cot: attend(q, k, v)),
-          jax.jit(jax.grad(loss, argnums=(0, 1, 2))))
+          timing.grad_fn(attend))
 
 
 def _row(name, attend, args, flops, base, extra=None):
