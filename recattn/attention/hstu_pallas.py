@@ -125,6 +125,20 @@ def _causal_bounds(i, block_out, block_in):
   return full, end
 
 
+def _over_key_blocks(body, init, i, bq, bk, num_k_blocks, causal):
+  """`body(j, carry, causal=...)` over the key blocks query block i sees.
+
+  Causal: blocks wholly below the diagonal unmasked, then the ones crossing
+  it masked; blocks above it are skipped. Otherwise every block, unmasked.
+  """
+  if not causal:
+    return lax.fori_loop(0, num_k_blocks,
+                         functools.partial(body, causal=False), init)
+  full, end = _causal_bounds(i, bq, bk)
+  carry = lax.fori_loop(0, full, functools.partial(body, causal=False), init)
+  return lax.fori_loop(full, end, functools.partial(body, causal=True), carry)
+
+
 def _fwd_kernel(q_ref, k_ref, v_ref, valid_ref, inv_n_ref, o_ref, *,
                 cfg: _Config):
   bq, bk = cfg.block_q, cfg.block_k
@@ -144,14 +158,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, valid_ref, inv_n_ref, o_ref, *,
       w = jnp.where(valid_ref[rows][None, :] != 0, w, 0.0)
     return acc + _dot(w.astype(v.dtype), v)
 
-  acc = jnp.zeros((bq, o_ref.shape[-1]), jnp.float32)
-  if cfg.causal:
-    full, end = _causal_bounds(i, bq, bk)
-    acc = lax.fori_loop(0, full, functools.partial(body, causal=False), acc)
-    acc = lax.fori_loop(full, end, functools.partial(body, causal=True), acc)
-  else:
-    acc = lax.fori_loop(0, k_ref.shape[0] // bk,
-                        functools.partial(body, causal=False), acc)
+  acc = _over_key_blocks(body, jnp.zeros((bq, o_ref.shape[-1]), jnp.float32),
+                         i, bq, bk, k_ref.shape[0] // bk, cfg.causal)
   o_ref[...] = (acc * inv_n_ref[...][:, None]).astype(o_ref.dtype)
 
 
@@ -224,14 +232,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, valid_ref, dq_ref, *,
       ds = jnp.where(valid_ref[rows][None, :] != 0, ds, 0.0)
     return dq + _dot(ds.astype(k.dtype), k)
 
-  dq = jnp.zeros((bq, dq_ref.shape[-1]), jnp.float32)
-  if cfg.causal:
-    full, end = _causal_bounds(i, bq, bk)
-    dq = lax.fori_loop(0, full, functools.partial(body, causal=False), dq)
-    dq = lax.fori_loop(full, end, functools.partial(body, causal=True), dq)
-  else:
-    dq = lax.fori_loop(0, k_ref.shape[0] // bk,
-                       functools.partial(body, causal=False), dq)
+  dq = _over_key_blocks(body, jnp.zeros((bq, dq_ref.shape[-1]), jnp.float32),
+                        i, bq, bk, k_ref.shape[0] // bk, cfg.causal)
   dq_ref[...] = (dq * (cfg.alpha * cfg.grad_scale)).astype(dq_ref.dtype)
 
 
