@@ -9,6 +9,11 @@ from each process's part. With one process both are the identity and
 
 Host reads need fully replicated arrays (the trainer pins losses to a
 replicated sharding; evaluation sums are scalars) or `gather`.
+
+With `data.process_shards` each process instead holds its own users
+(`SequenceDataset.shard`); the few numbers the processes must agree on
+(steps per epoch, each step's window, item counts) go through
+`host_allgather`.
 """
 
 import os
@@ -121,3 +126,22 @@ def gather(x):
   if jax.process_count() == 1:
     return jax.device_get(x)
   return multihost_utils.process_allgather(x, tiled=True)
+
+
+def host_allgather(x) -> np.ndarray:
+  """`[P, ...]`: every process's host value `x` (same shape and dtype).
+
+  For the small numbers processes must agree on (row counts, per-step
+  windows, item counts); with one process it is `x[None]` and needs no
+  devices.
+  """
+  x = np.asarray(x)
+  if jax.process_count() == 1:
+    return x[None]
+  if x.dtype.itemsize == 8:
+    # Without jax_enable_x64 JAX would cut int64 / float64 to 32 bits (unix
+    # seconds, large counts): send the bits as pairs of uint32.
+    bits = np.ascontiguousarray(x).reshape(-1).view(np.uint32)
+    out = np.asarray(multihost_utils.process_allgather(bits, tiled=False))
+    return np.ascontiguousarray(out).view(x.dtype).reshape((-1,) + x.shape)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=False))

@@ -7,6 +7,7 @@ else replicated. Validation picks the checkpoint; test is evaluated once, on
 the selected checkpoint, at the end.
 """
 
+import dataclasses
 import math
 import os
 import time
@@ -124,14 +125,50 @@ class _NoWriter:
     pass
 
 
-def _load_data(data_config):
+def _load_data(data_config, shard=None):
   """`data_lib.load`, process 0 first: it prepares what others then read."""
   if not distributed.is_primary():
     distributed.barrier("data prepared")
-  ds = data_lib.load(data_config)
+  ds = (data_lib.load(data_config) if shard is None
+        else data_lib.load(data_config, shard=shard))
   if distributed.is_primary():
     distributed.barrier("data prepared")
   return ds
+
+
+def _with_global_time_origin(ds):
+  """A shard, its relative times counted from the whole dataset's start.
+
+  `batching.train_times` subtracts the first timestamp; a shard read on its
+  own would use its own first one. Attention biases see only differences,
+  but padded positions hold 0, whose difference to a real time depends on
+  the origin: the processes agree on the smallest first timestamp.
+  """
+  if ds.timestamps is None:
+    return ds
+  first = (ds.timestamps.min() if len(ds.timestamps)
+           else np.iinfo(np.int64).max)
+  origin = int(distributed.host_allgather(np.int64(first)).min())
+  return dataclasses.replace(ds, card={**ds.card, "time_origin": origin})
+
+
+def shard_epoch_plan(lengths, local_batch: int, num_batches: int, epoch: int,
+                     config, shard: int, num_shards: int):
+  """One shard's batches of an epoch and the windows it alone would need.
+
+  Returns `(rows [num_batches, local_batch], widths [num_batches])`: row
+  indices into the shard's training rows (-1: an empty row) and
+  `batching.window_length` of each. The processes take the maximum of all
+  shards' widths per step (`host_allgather`), so every step has one global
+  shape; shards with fewer rows end with empty batches.
+  """
+  rows = np.stack(list(batching.epoch_batches(
+      lengths, local_batch, epoch, config.seed, config.data.bucket_chunk,
+      shard=shard, num_shards=num_shards, num_batches=num_batches)))
+  widths = np.array([
+      batching.window_length(lengths[r[r >= 0]], config.data.max_len,
+                             config.data.bucket_step) for r in rows])
+  return rows, widths
 
 
 def _train_batch(inputs, targets, times, rows, width, local):
@@ -160,7 +197,17 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                          config.to_dict())
     reporting.write_env(os.path.join(workdir, "env.json"))
 
-  ds = _load_data(config.data)
+  # data.process_shards: this process reads, holds and batches only the
+  # users u % P == p (SequenceDataset.shard); the few numbers the processes
+  # must share (steps, windows, item counts) go through host_allgather.
+  shards = bool(config.data.get("process_shards", False))
+  shard = (jax.process_index(), jax.process_count()) if shards else None
+  ds = _load_data(config.data, shard)
+  if shards:
+    ds = _with_global_time_origin(ds)
+  counts = batching.item_counts(ds)
+  if shards:  # the whole dataset's, for samplers and logQ
+    counts = distributed.host_allgather(counts).sum(0)
   if primary:
     reporting.write_json(os.path.join(workdir, "data_card.json"), ds.card)
   logging.info("data: %s", ds.card)
@@ -197,11 +244,29 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   batch_sharding = sharding.batch_sharding(mesh, rules)
   replicated = sharding.replicated(mesh)
   # Every process walks the same global batches (same seed) and builds only
-  # the rows its devices hold.
+  # the rows its devices hold; with process shards, from its own users.
   local = distributed.local_rows(batch_sharding, config.batch_size)
   logging.info("process %d of %d builds batch rows %d:%d of %d",
                jax.process_index(), jax.process_count(), local.start,
                local.stop, config.batch_size)
+  local_batch = local.stop - local.start
+  if shards:
+    if local_batch * jax.process_count() != config.batch_size:
+      raise config_check.ConfigError(
+          f"config.data.process_shards=True needs each process to hold its "
+          f"own 1/{jax.process_count()} of the batch rows; process "
+          f"{jax.process_index()} holds {local.start}:{local.stop} of "
+          f"{config.batch_size} (a mesh axis that replicates batches spans "
+          "processes): use process_shards=False")
+    # Every process runs as many steps as the shard with the most rows.
+    row_counts = distributed.host_allgather(len(inputs))
+    steps_per_epoch = max(1, math.ceil(row_counts.max() / local_batch))
+    logging.info("process %d of %d holds shard %s: %d training rows (all "
+                 "shards %s), %d steps per epoch", jax.process_index(),
+                 jax.process_count(), ds.card["shard"], len(inputs),
+                 row_counts.tolist(), steps_per_epoch)
+  else:
+    steps_per_epoch = math.ceil(len(inputs) / config.batch_size)
 
   model = models.create(config.model, num_items=ds.num_items,
                         max_len=config.data.max_len, seed=config.seed)
@@ -213,14 +278,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         "devices of its mesh axis (padded rows are never scored)",
         ds.num_items + 1, ds.num_items + 1 + pad_rows, item_shards)
   graphdef, params = nnx.split(model, nnx.Param)
-  steps_per_epoch = math.ceil(len(inputs) / config.batch_size)
   total_steps = steps_per_epoch * config.num_epochs
   tx = make_optimizer(config.optimizer, total_steps)
   state = {"params": params, "opt_state": tx.init(params),
            "step": jnp.zeros((), jnp.int32)}
   state_sharding = sharding.state_shardings(state, mesh, rules)
   state = jax.device_put(state, state_sharding)
-  log_q = sampler_log_q(config.loss, batching.item_counts(ds))
+  log_q = sampler_log_q(config.loss, counts)
   # Output shardings pinned to the input ones: the donated state keeps its
   # layout step after step, whatever XLA would propagate.
   step_fn = jax.jit(make_train_step(graphdef, tx, config.loss, log_q),
@@ -233,7 +297,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       filter_seen=config.eval.filter_seen,
       num_negatives=config.eval.num_negatives,
       negatives=config.eval.negatives, seed=config.eval.seed,
-      with_times=with_times, mesh=mesh, rules=rules)
+      with_times=with_times, mesh=mesh, rules=rules,
+      process_shards=shards, item_counts=counts if shards else None)
   valid_eval = Evaluator(ds, "valid", **eval_kwargs)
 
   ckpts = checkpoint_lib.Checkpoints(workdir)
@@ -257,13 +322,24 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     while epoch < config.num_epochs:
       t0 = time.time()
       epoch_losses = []
-      for rows in batching.epoch_batches(lengths, config.batch_size, epoch,
-                                         config.seed, config.data.bucket_chunk):
-        width = batching.window_length(
+      if shards:
+        shard_rows, widths = shard_epoch_plan(
+            lengths, local_batch, steps_per_epoch, epoch, config, *shard)
+        # One collective per epoch: each step's window is the widest any
+        # shard needs, so every process builds the same global shape.
+        widths = distributed.host_allgather(widths).max(0)
+        plan, mine = zip(shard_rows, widths), slice(None)
+      else:
+        plan = ((rows, batching.window_length(
             lengths[rows[rows >= 0]], config.data.max_len,
-            config.data.bucket_step)
+            config.data.bucket_step))
+                for rows in batching.epoch_batches(
+                    lengths, config.batch_size, epoch, config.seed,
+                    config.data.bucket_chunk))
+        mine = local
+      for rows, width in plan:
         batch = distributed.place(
-            _train_batch(inputs, targets, times, rows, width, local),
+            _train_batch(inputs, targets, times, rows, int(width), mine),
             batch_sharding, config.batch_size)
         state, loss = step_fn(state, batch, base_rng)
         epoch_losses.append(loss)
@@ -316,11 +392,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     final.update(valid_eval(graphdef, best_params))
     final.update(test_eval(graphdef, best_params))
     epoch_seconds = meta["epoch_seconds"]
-    widest = np.arange(config.batch_size)
+    widest = np.arange(local_batch if shards else config.batch_size)
     widest[widest >= len(inputs)] = -1  # padding rows, as in epoch_batches
     widest_batch = distributed.place(
         _train_batch(inputs, targets, times, widest, config.data.max_len,
-                     local), batch_sharding, config.batch_size)
+                     slice(None) if shards else local), batch_sharding,
+        config.batch_size)
     peak = step_peak_bytes(step_fn, state, widest_batch, base_rng)
     final.update({
         "train/epochs": meta["epoch"],

@@ -72,7 +72,9 @@ def _relative_times(ds: SequenceDataset) -> np.ndarray:
   if ds.timestamps is None:
     raise ValueError("this dataset has no timestamps")
   # Seconds since the dataset's first interaction fit int32 for 68 years.
-  return ds.timestamps - ds.timestamps.min()
+  # A shard keeps the whole dataset's origin (`SequenceDataset.shard`).
+  origin = ds.card.get("time_origin")
+  return ds.timestamps - (ds.timestamps.min() if origin is None else origin)
 
 
 def train_times(ds: SequenceDataset, max_len: int, windows: str = "last"):
@@ -112,12 +114,52 @@ def item_counts(ds: SequenceDataset) -> np.ndarray:
   return np.bincount(ds.items[in_train], minlength=ds.num_items + 1)
 
 
+def _mix64(x: np.ndarray) -> np.ndarray:
+  """splitmix64's finaliser: a bijection of uint64 that scrambles all bits."""
+  x = x ^ (x >> np.uint64(30))
+  x = x * np.uint64(0xBF58476D1CE4E5B9)
+  x = x ^ (x >> np.uint64(27))
+  x = x * np.uint64(0x94D049BB133111EB)
+  return x ^ (x >> np.uint64(31))
+
+
+def keyed_uniform(seed: int, users: np.ndarray, round_: int,
+                  width: int) -> np.ndarray:
+  """`[len(users), width]` uniforms in [0, 1) keyed by (seed, user, draw).
+
+  A counter-based hash, not a stream: user u's values are the same whatever
+  other users are drawn with it, so negatives drawn with it do not depend
+  on how users are split over processes.
+  """
+  golden = np.uint64(0x9E3779B97F4A7C15)
+  with np.errstate(over="ignore"):
+    key = _mix64(np.uint64(seed & (2**64 - 1)) + golden)
+    key = _mix64((key ^ users.astype(np.uint64)[:, None]) + golden)
+    counter = np.uint64(round_ * width) + np.arange(width, dtype=np.uint64)
+    bits = _mix64((key ^ counter[None, :]) + golden)
+  return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
 def sample_eval_negatives(ds: SequenceDataset, num: int, strategy: str,
-                          seed: int) -> np.ndarray:
+                          seed: int, by_user: bool = False,
+                          counts: np.ndarray | None = None) -> np.ndarray:
   """`[U, num]` negatives per user, none of them in the user's sequence.
 
   Drawn once per dataset and seed so that every evaluation of a run (and
   every run with the same seed) ranks against the same candidates.
+
+  Args:
+    ds: the users to draw for.
+    num: negatives per user.
+    strategy: "uniform" or "popularity" (training-part counts, +1).
+    seed: the draw's seed.
+    by_user: False draws every user from one numpy stream (the default;
+      a user's negatives then depend on every other user of `ds`). True
+      keys each user's draws by `(seed, ds.user_ids())` (`keyed_uniform`),
+      so a shard of the users gets exactly the rows the whole dataset would;
+      multi-process runs with `data.process_shards` use it.
+    counts: `[V + 1]` item counts for "popularity"; default `item_counts
+      (ds)`. A shard passes the whole dataset's (summed over processes).
   """
   rng = np.random.default_rng(seed)
   num_users, num_items = ds.num_users, ds.num_items
@@ -125,26 +167,43 @@ def sample_eval_negatives(ds: SequenceDataset, num: int, strategy: str,
     probs = None
   elif strategy == "popularity":
     # +1 smoothing: items absent from training stay possible candidates.
-    counts = item_counts(ds).astype(np.float64)[1:] + 1.0
+    counts = (item_counts(ds) if counts is None else counts)
+    counts = np.asarray(counts, np.float64)[1:] + 1.0
     probs = counts / counts.sum()
   else:
     raise ValueError(f"eval negative sampling {strategy!r}; allowed: "
                      "'uniform', 'popularity'")
+  user_ids = ds.user_ids()
+  cdf = None if probs is None else np.cumsum(probs)
+
+  def draw(todo, round_):
+    """`[len(todo), 2 * num]` candidate ids in 1..V for the rows `todo`."""
+    if not by_user:
+      return rng.choice(num_items, size=(len(todo), 2 * num), p=probs) + 1
+    u = keyed_uniform(seed, user_ids[todo], round_, 2 * num)
+    if cdf is None:
+      ids = np.floor(u * num_items).astype(np.int64)
+    else:  # inverse CDF
+      ids = np.searchsorted(cdf, u * cdf[-1], side="right")
+    return np.minimum(ids, num_items - 1) + 1
+
   user_of = np.repeat(np.arange(num_users), np.diff(ds.offsets))
   seen_keys = np.unique(user_of.astype(np.int64) * (num_items + 1) + ds.items)
   distinct = np.bincount(seen_keys // (num_items + 1), minlength=num_users)
   if np.any(num_items - distinct < num):
     raise ValueError(
         f"config.eval.num_negatives={num}: user "
-        f"{int(np.argmax(num_items - distinct < num))} has only "
+        f"{int(user_ids[np.argmax(num_items - distinct < num)])} has only "
         f"{int(np.min(num_items - distinct))} items it never interacted with;"
         " lower eval.num_negatives")
   out = np.zeros((num_users, num), np.int32)
   filled = np.zeros(num_users, np.int64)
   todo = np.arange(num_users)
+  round_ = 0
   while len(todo):
-    draw = rng.choice(num_items, size=(len(todo), 2 * num), p=probs) + 1
-    keys = todo[:, None].astype(np.int64) * (num_items + 1) + draw
+    draw_ids = draw(todo, round_)
+    round_ += 1
+    keys = todo[:, None].astype(np.int64) * (num_items + 1) + draw_ids
     pos = np.searchsorted(seen_keys, keys)
     ok = seen_keys[np.minimum(pos, len(seen_keys) - 1)] != keys
     # Without replacement within a user: drop repeats of earlier draws.
@@ -157,18 +216,20 @@ def sample_eval_negatives(ds: SequenceDataset, num: int, strategy: str,
     ok &= unique
     if filled.any():  # later rounds: also drop items taken earlier
       taken = out[todo]
-      ok &= ~(draw[:, :, None] == taken[:, None, :]).any(-1)
+      ok &= ~(draw_ids[:, :, None] == taken[:, None, :]).any(-1)
     rank = np.cumsum(ok, axis=1) - 1 + filled[todo][:, None]
     put = ok & (rank < num)
     rows = np.broadcast_to(todo[:, None], put.shape)[put]
-    out[rows, rank[put]] = draw[put]
+    out[rows, rank[put]] = draw_ids[put]
     filled[todo] += put.sum(1)
     todo = todo[filled[todo] < num]
   return out
 
 
 def epoch_batches(lengths: np.ndarray, batch_size: int, epoch: int,
-                  seed: int, chunk_batches: int = 0) -> Iterator[np.ndarray]:
+                  seed: int, chunk_batches: int = 0, *, shard: int = 0,
+                  num_shards: int = 1,
+                  num_batches: int | None = None) -> Iterator[np.ndarray]:
   """Shuffled row indices for one epoch, `[batch_size]` each.
 
   The order depends only on (seed, epoch), so a resumed run replays exactly
@@ -180,18 +241,36 @@ def epoch_batches(lengths: np.ndarray, batch_size: int, epoch: int,
   `lengths`, and the batch order is shuffled again. Batches then hold rows of
   similar length and can be cut to a shorter window (`window_length`), which
   saves the compute spent on padding, as jagged kernels do on GPU.
+
+  Shards (`data.process_shards`): with `num_shards > 1`, `lengths` are the
+  rows of shard `shard` and each batch is that shard's `batch_size` rows of
+  a global batch. Rows are shuffled by a per-shard generator (seed, epoch,
+  shard), the batch order by one generator every shard shares, so the k-th
+  length-sorted batches of all shards, which have similar lengths, land on
+  the same step and need similar windows. `num_batches` (the same on every
+  shard: the largest shard's count) pads shorter shards with batches of -1
+  at the end of their row order. One shard is exactly the unsharded order.
   """
-  rng = np.random.default_rng([seed, epoch])
+  if num_shards == 1:
+    rng = order_rng = np.random.default_rng([seed, epoch])
+  else:
+    rng = np.random.default_rng([seed, epoch, num_shards, shard])
+    order_rng = np.random.default_rng([seed, epoch, num_shards])
   n = len(lengths)
   order = rng.permutation(n)
   if chunk_batches > 0:
     chunk = np.arange(n) // (chunk_batches * batch_size)
     order = order[np.lexsort((lengths[order], chunk))]
   pad = -n % batch_size
+  if num_batches is not None:
+    if num_batches * batch_size < n:
+      raise ValueError(f"num_batches={num_batches} of {batch_size} rows "
+                       f"cannot hold {n} rows")
+    pad = num_batches * batch_size - n
   batches = np.concatenate([order, np.full(pad, -1, order.dtype)]).reshape(
       -1, batch_size)
   if chunk_batches > 0:
-    batches = batches[rng.permutation(len(batches))]
+    batches = batches[order_rng.permutation(len(batches))]
   yield from batches
 
 

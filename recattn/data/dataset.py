@@ -31,7 +31,8 @@ class SequenceDataset:
     timestamps: [N] int64 unix seconds aligned with `items`, or None when the
       source carries no timestamps.
     card: Data card: name, version, builder config, preprocessing parameters,
-      counts, length statistics, source files with their sha256.
+      counts, length statistics, source files with their sha256. The counts
+      are the whole dataset's; a shard (`shard`) adds `card["shard"]`.
   """
 
   name: str
@@ -56,3 +57,64 @@ class SequenceDataset:
   def lengths(self) -> np.ndarray:
     """Returns [U] int64 sequence lengths."""
     return np.diff(self.offsets)
+
+  def user_ids(self) -> np.ndarray:
+    """Returns [U] int64 ids of these users in the whole dataset.
+
+    `0..U-1` for a whole dataset; for a shard, the ids it was cut from, so
+    anything keyed by user (evaluation negatives) does not depend on how
+    the users were split.
+    """
+    shard = self.card.get("shard")
+    if shard is None:
+      return np.arange(self.num_users, dtype=np.int64)
+    return shard_users(shard["users_total"], shard["index"], shard["count"])
+
+  def shard(self, index: int, count: int) -> SequenceDataset:
+    """The users `u` with `u % count == index`, as a smaller dataset.
+
+    One process's part of a multi-process run (`data.process_shards`): each
+    holds and batches only its users. Round robin, not contiguous ranges,
+    so shards stay balanced whatever the user order correlates with (ids
+    assigned by first appearance, by activity...). `load(..., shard=)`
+    reads the same users straight from the prepared records.
+
+    `card["shard"]` records the rule and the shard's counts; `card
+    ["time_origin"]` keeps the whole dataset's first timestamp, so relative
+    times (`batching.train_times`) are the same in every shard.
+    """
+    if "shard" in self.card:
+      raise ValueError(f"this dataset is already shard {self.card['shard']}")
+    users = shard_users(self.num_users, index, count)
+    lengths = self.lengths()[users]
+    offsets = np.zeros(len(users) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    # Positions of every kept item, user by user.
+    pos = (np.repeat(self.offsets[:-1][users] - offsets[:-1], lengths)
+           + np.arange(offsets[-1]))
+    card = shard_card(self.card, index, count, self.num_users,
+                      len(users), int(offsets[-1]))
+    if self.timestamps is not None and "time_origin" not in card:
+      card["time_origin"] = (int(self.timestamps.min())
+                             if len(self.timestamps) else 0)
+    return SequenceDataset(
+        name=self.name, num_items=self.num_items, items=self.items[pos],
+        offsets=offsets,
+        timestamps=None if self.timestamps is None else self.timestamps[pos],
+        card=card)
+
+
+def shard_users(num_users: int, index: int, count: int) -> np.ndarray:
+  """Ids of the users of shard `index` of `count`: `u % count == index`."""
+  if not 0 <= index < count:
+    raise ValueError(f"shard index {index} of {count}: allowed 0..{count - 1}")
+  return np.arange(index, num_users, count, dtype=np.int64)
+
+
+def shard_card(card: dict[str, Any], index: int, count: int,
+               users_total: int, users: int, interactions: int) -> dict:
+  """`card` plus `card["shard"]`: which users a shard holds, and how many."""
+  return {**card, "shard": {"index": index, "count": count,
+                            "rule": "user % count == index",
+                            "users_total": users_total, "users": users,
+                            "interactions": interactions}}

@@ -31,6 +31,8 @@ from recattn.data.builders import ORIGINAL_ITEM_IDS
 from recattn.data.builders import SequenceBuilder
 from recattn.data.dataset import DataError
 from recattn.data.dataset import SequenceDataset
+from recattn.data.dataset import shard_card
+from recattn.data.dataset import shard_users
 from recattn.data.preprocessing import DEFAULT_MIN_USER_COUNT
 from recattn.data.preprocessing import Preprocessing
 from recattn.data.synthetic import SyntheticParams
@@ -117,19 +119,26 @@ def make_builder(data_config: Any) -> SequenceBuilder:
   )
 
 
-def _read_prepared(builder: SequenceBuilder) -> tuple[
-    np.ndarray, np.ndarray, np.ndarray | None]:
-  """Reads all records in one bulk call; returns (items, offsets, times).
+def _read_prepared(builder: SequenceBuilder,
+                   shard: tuple[int, int] | None = None) -> tuple[
+                       np.ndarray, np.ndarray, np.ndarray | None]:
+  """Reads the records in one bulk call; returns (items, offsets, times).
 
   TFDS's generic per-feature decoding costs ~60 us a record (2 s for Video's
   31k users); reading raw bytes and taking the int64 lists straight out of the
   `tf.train.Example` protos is ~4x faster. Counts are checked against the card
   so a format change in TFDS cannot go unnoticed.
+
+  With `shard=(index, count)` only the records of that shard's users
+  (`dataset.shard_users`) are read: record i is user i, and array_record
+  reads by index, so a process of a P-process run reads 1/P of the data.
   """
   source = builder.as_data_source(
       split="train", deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
-  records = source.__getitems__(range(len(source)))
   card = builder.info.metadata
+  wanted = (np.arange(len(source)) if shard is None
+            else shard_users(len(source), *shard))
+  records = source.__getitems__(wanted.tolist())
   users, lengths, items, times = [], [], [], []
   for record in records:
     feature = tf_example_pb2.Example.FromString(record).features.feature
@@ -139,8 +148,8 @@ def _read_prepared(builder: SequenceBuilder) -> tuple[
     items.extend(sequence)
     if card["has_timestamps"]:
       times.extend(feature["timestamps"].int64_list.value)
-  if (users != list(range(card["users"]))
-      or len(items) != card["interactions"]
+  if (len(source) != card["users"] or users != wanted.tolist()
+      or (shard is None and len(items) != card["interactions"])
       or (card["has_timestamps"] and len(times) != len(items))):
     raise DataError(f"{builder.data_dir}: records do not match the data card; "
                     "delete this folder so it is prepared again")
@@ -165,7 +174,8 @@ def original_item_ids(data_config: Any) -> np.ndarray:
   return np.asarray(ids, np.int64)
 
 
-def load(data_config: Any) -> SequenceDataset:
+def load(data_config: Any,
+         shard: tuple[int, int] | None = None) -> SequenceDataset:
   """Loads a dataset, preparing it on first use.
 
   The first call for a (name, preprocessing) pair parses the raw file and
@@ -175,6 +185,10 @@ def load(data_config: Any) -> SequenceDataset:
   Args:
     data_config: `ml_collections.ConfigDict` (or any mapping with `.get`);
       fields in the module docstring.
+    shard: `(index, count)`: read only the users `u % count == index`; the
+      result equals `load(data_config).shard(index, count)` except that
+      `card` has no `time_origin` (it needs every shard's first timestamp;
+      the trainer agrees on it across processes).
 
   Returns:
     The dataset; `card` is the stored data card plus `prepared_dir`.
@@ -187,10 +201,13 @@ def load(data_config: Any) -> SequenceDataset:
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(
             compute_stats=tfds.download.ComputeStatsMode.SKIP))
-  items, offsets, times = _read_prepared(builder)
+  items, offsets, times = _read_prepared(builder, shard)
   card = dict(builder.info.metadata)
   del card[ORIGINAL_ITEM_IDS]  # Up to ~10^5 ids: too big for a card.
   card["prepared_dir"] = os.fspath(builder.data_dir)
+  if shard is not None:
+    card = shard_card(card, *shard, int(card["users"]), len(offsets) - 1,
+                      len(items))
   return SequenceDataset(
       name=card["name"],
       num_items=int(card["items"]),

@@ -7,7 +7,10 @@ last state `h: [B, D]`, and ranks the held-out item
   * `sampled_<strategy><N>`: against N negatives drawn once per run, none of
     which the user ever interacted with (SASRec's protocol).
 Per-user metrics are summed on device; the host only adds batch sums.
-With several processes each builds only its devices' rows of a batch.
+With several processes each builds only its devices' rows of a batch: of
+the users in order, or (`process_shards`) of its own users, the processes
+agreeing on the number of batches; either way the sums run over every
+user once and are divided by the total number of users.
 """
 
 import functools
@@ -133,12 +136,20 @@ class Evaluator:
 
   `mesh` (default: one device) splits users over `data` and the full
   ranking's items over `model`, as `rules` say.
+
+  `process_shards=True`: `ds` is this process's shard of the users
+  (`SequenceDataset.shard`); each process fills its rows of every batch
+  with its own users, the others pad, and the metrics are the same sums
+  over all users as one process's (up to float summation order). Sampled
+  negatives are then keyed by user id (`sample_eval_negatives(by_user=
+  True)`), and `item_counts` must be the whole dataset's for "popularity".
   """
 
   def __init__(self, ds, split: str, *, max_len: int, batch_size: int,
                filter_seen: bool, num_negatives: int, negatives: str,
                seed: int, with_times: bool = False, mesh=None,
-               rules=sharding_lib.DEFAULT_RULES):
+               rules=sharding_lib.DEFAULT_RULES, process_shards: bool = False,
+               item_counts: np.ndarray | None = None):
     self.split = split
     self.batch_size = batch_size
     self.sampled_name = f"sampled_{negatives}{num_negatives}"
@@ -148,10 +159,15 @@ class Evaluator:
     self.times = (batching.eval_times(ds, split, max_len) if with_times
                   else None)
     self.items = ds.items
-    # One padded width for every batch keeps a single compiled program.
-    self.seen_width = int(-(-np.max(self.ends - self.starts) // 128) * 128)
+    # One padded width for every batch keeps a single compiled program (the
+    # same on every process: the array shapes are global).
+    longest = int(np.max(self.ends - self.starts, initial=1))
+    if process_shards:
+      longest = int(distributed.host_allgather(longest).max())
+    self.seen_width = int(-(-longest // 128) * 128)
     self.candidates = batching.sample_eval_negatives(
-        ds, num_negatives, negatives, seed)
+        ds, num_negatives, negatives, seed, by_user=process_shards,
+        counts=item_counts)
     mesh = sharding_lib.make_mesh(1, 1) if mesh is None else mesh
     data = sharding_lib.axis_size(mesh, "batch", rules)
     if batch_size % data:
@@ -159,23 +175,50 @@ class Evaluator:
                        f"multiple of the {data} devices on the data axis")
     self.sharding = sharding_lib.batch_sharding(mesh, rules)
     self._local = distributed.local_rows(self.sharding, batch_size)
+    self.process_shards = process_shards
+    self.num_users = len(self.targets)  # all processes' users together
+    if process_shards:
+      local = self._local.stop - self._local.start
+      if local * jax.process_count() != batch_size:
+        raise ValueError(
+            f"process_shards: process {jax.process_index()} holds batch rows "
+            f"{self._local.start}:{self._local.stop} of {batch_size}; each "
+            "process must hold its own 1/P of the rows (no mesh axis "
+            "replicating batches may span processes)")
+      counts = distributed.host_allgather(len(self.targets))
+      self.num_users = int(counts.sum())
+      self._num_batches = max(1, int(-(-counts.max() // local)))
     self._fn = jax.jit(
         functools.partial(_eval_batch, mesh=mesh, rules=rules),
         static_argnums=0, static_argnames=("filter_seen", "k"))
     self.filter_seen = filter_seen
 
-  def _batches(self):
-    """`(batch tuple, number of real users)` on the mesh, in user order.
+  def _batch_rows(self):
+    """`(rows, keep)` per batch: this process's rows, -1 for padding.
 
-    This process builds only the rows its devices hold (all of them for
-    one process); the count is the whole batch's.
+    `rows` index this evaluator's users; `keep` is how many rows of the
+    gathered batch (all processes' rows, or with `process_shards` this
+    process's) hold users, for `top_k`.
     """
     n = len(self.targets)
+    if self.process_shards:
+      local = self._local.stop - self._local.start
+      for k in range(self._num_batches):
+        rows = np.arange(k * local, (k + 1) * local)
+        yield np.where(rows < n, rows, -1), int(np.sum(rows < n))
+      return
     for lo in range(0, n, self.batch_size):
       rows = np.arange(lo, lo + self.batch_size)
       rows = np.where(rows < n, rows, -1)
-      num_valid = int(np.sum(rows >= 0))
-      rows = rows[self._local]
+      yield rows[self._local], int(np.sum(rows >= 0))
+
+  def _batches(self):
+    """`(batch tuple, keep)` on the mesh (see `_batch_rows`).
+
+    This process builds only the rows its devices hold (all of them for
+    one process).
+    """
+    for rows, keep in self._batch_rows():
       valid = rows >= 0
       safe = np.where(valid, rows, 0)
       batch = (
@@ -188,8 +231,7 @@ class Evaluator:
       )
       if self.times is not None:
         batch += (self.times[safe],)
-      yield (distributed.place(batch, self.sharding, self.batch_size),
-             num_valid)
+      yield (distributed.place(batch, self.sharding, self.batch_size), keep)
 
   def __call__(self, graphdef, params) -> dict[str, float]:
     sums = None
@@ -197,7 +239,7 @@ class Evaluator:
       out = self._fn(graphdef, params, *batch, filter_seen=self.filter_seen)
       sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
     full, sampled = jax.device_get(sums)  # scalars: replicated everywhere
-    n = len(self.targets)
+    n = self.num_users
     result = {}
     for protocol, values in (("full", full), (self.sampled_name, sampled)):
       for k, v in values.items():
@@ -210,10 +252,12 @@ class Evaluator:
     The items the full protocol ranks: no padding, seen items removed when
     `filter_seen` (the target kept), so `target in top_k` is HR@k. Taken
     with the sharded top-k: no device holds a row's scores for all items.
+    With `process_shards`, the rows of this process's users.
     """
     out = []
+    mine = self._local if self.process_shards else slice(None)
     for batch, n in self._batches():
       top = self._fn(graphdef, params, *batch, filter_seen=self.filter_seen,
                      k=k)
-      out.append(np.asarray(distributed.gather(top))[:n])
+      out.append(np.asarray(distributed.gather(top))[mine][:n])
     return np.concatenate(out)
