@@ -32,6 +32,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.data.synthetic_mean_len = 30
   c.data.synthetic_seed = 0
   c.data.synthetic_zipf = 0.8  # synthetic: Zipf exponent of item popularity
+  # Multi-process runs: each process reads and batches only its users
+  # (u % P == process index); see docs/distributed.md.
+  c.data.process_shards = False
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "sasrec"
@@ -69,6 +72,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.qk_dim = 0  # hstu: per-head size of Q, K; 0 = dim / heads
   c.model.v_dim = 0  # hstu: per-head size of U, V; 0 = dim / heads
   c.model.kv_raw = False  # sasrec norm: keys/values from the un-normed input
+  # right (SASRec: counted back from the newest item) | left (from the
+  # window's first item; incremental serving) | none
+  c.model.positions = "right"
   c.model.pos_init = 0.02  # std of the position-embedding init
   c.model.final_norm = True  # LayerNorm on the last block's output
   c.model.remat = False  # recompute each block in the backward pass

@@ -57,8 +57,12 @@ def validate(config) -> None:
   _choice(config, "model.attention", attention.REGISTRY)
   _choice(config, "model.norm", sasrec.NORMS)
   _choice(config, "model.rel_bias", models_base.REL_BIASES)
+  _choice(config, "model.positions", models_base.POSITIONS)
   _validate_attention_options(config)
   _choice(config, "data.train_windows", ("last", "all"))
+  shards = config.data.get("process_shards", False)
+  _require(isinstance(shards, bool),
+           f"config.data.process_shards={shards!r}: must be True or False")
   _choice(config, "loss.name", losses.LOSSES)
   _choice(config, "loss.sampling", losses.SAMPLINGS)
   if config.loss.name not in losses.EXACT:

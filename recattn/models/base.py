@@ -24,6 +24,16 @@ from recattn.attention import relative
 # timestamps), or positions and time together (HSTU's rab).
 REL_BIASES = ("none", "position", "alibi", "time", "position+time")
 
+# Learned absolute positions (`model.positions`):
+#   "right": counted back from the most recent item, as in Kang's SASRec and
+#            generative-recommenders (the last item always has the same
+#            position); every new event moves every earlier item's position.
+#   "left":  counted from the first item of the window; appending an event
+#            leaves earlier positions, hence earlier keys and values, as they
+#            are (what incremental serving needs, recattn.serving).
+#   "none":  no absolute position (relative biases, if any, only).
+POSITIONS = ("right", "left", "none")
+
 
 def uses_time(rel_bias: str) -> bool:
   """Whether `model.rel_bias` needs timestamps in every batch."""
@@ -36,7 +46,8 @@ class SequenceRecommender(nnx.Module):
   def __init__(self, *, num_items: int, max_len: int, dim: int,
                dropout: float, l2_norm: bool, pos_init: float = 0.02,
                num_heads: int = 1, rel_bias: str = "none",
-               remat: bool = False, rngs: nnx.Rngs):
+               remat: bool = False, positions: str = "right",
+               rngs: nnx.Rngs):
     self.dim = dim
     self.num_items = num_items
     # Recompute each block's activations in the backward pass (memory for
@@ -46,6 +57,10 @@ class SequenceRecommender(nnx.Module):
       raise ValueError(f"model.rel_bias={rel_bias!r}: allowed values are "
                        f"{list(REL_BIASES)}")
     self.rel_bias = rel_bias
+    if positions not in POSITIONS:
+      raise ValueError(f"model.positions={positions!r}: allowed values are "
+                       f"{list(POSITIONS)}")
+    self.positions = positions
     self.num_heads = num_heads
     if "position" in rel_bias:
       self.position_bias = relative.RelativePositionBias(
@@ -114,6 +129,7 @@ class SequenceRecommender(nnx.Module):
         attn_config=None if attn is None else attn.to_dict(),
         rel_bias=get("rel_bias", "none"),
         remat=get("remat", False),
+        positions=get("positions", "right"),
     )
 
   def attention_bias(self, times: jax.Array | None = None):
@@ -141,10 +157,28 @@ class SequenceRecommender(nnx.Module):
     Returns `(x [B, L, D], valid [B, L] bool)`.
     """
     valid = items > 0
-    x = self.item_embedding(items) * math.sqrt(self.dim)
-    x = x + self.pos_embedding.embedding[...][None, -items.shape[1]:]
+    if self.positions == "right":
+      pos = jnp.arange(self.pos_embedding.num_embeddings - items.shape[1],
+                       self.pos_embedding.num_embeddings)[None]
+    else:
+      # Windows are left-padded: position = number of items before it.
+      pos = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
+    x = self.embed_at(items, pos)
     x = self.dropout(x, rngs=rngs, deterministic=rngs is None)
     return x * valid[..., None].astype(x.dtype), valid
+
+  def embed_at(self, items: jax.Array, positions: jax.Array) -> jax.Array:
+    """Scaled item embeddings plus the embeddings of `positions`.
+
+    Args:
+      items: `[B, T]` ids.
+      positions: `[B|1, T]` indices into the position table (ignored when
+        `positions="none"`).
+    """
+    x = self.item_embedding(items) * math.sqrt(self.dim)
+    if self.positions == "none":
+      return x
+    return x + jnp.take(self.pos_embedding.embedding[...], positions, axis=0)
 
   def output(self, x: jax.Array) -> jax.Array:
     """Maps the last block's output to user states (default: unit norm)."""

@@ -81,11 +81,13 @@ class HSTU(base.SequenceRecommender):
       attn_config=None,
       rel_bias: str = "position",
       remat: bool = False,
+      positions: str = "right",
       rngs: nnx.Rngs,
   ):
     super().__init__(num_items=num_items, max_len=max_len, dim=dim,
                      dropout=dropout, l2_norm=l2_norm, num_heads=num_heads,
-                     rel_bias=rel_bias, remat=remat, rngs=rngs)
+                     rel_bias=rel_bias, remat=remat,
+                     positions=positions, rngs=rngs)
     qk_dim = qk_dim or dim // num_heads
     v_dim = v_dim or dim // num_heads
     self.blocks = nnx.List([

@@ -1,0 +1,1 @@
+"""Real-time recommendation: incremental user state, top-K, HTTP service."""

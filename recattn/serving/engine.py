@@ -1,0 +1,379 @@
+"""The model side of serving: per-user state, event updates, top-K.
+
+`Engine` holds a trained model's parameters and three jitted functions
+(`incremental.encode_window`, `incremental.append`, `top_k`); a user's
+state is a flat dict of numpy arrays on the host, so a service can keep,
+evict, snapshot and batch states without knowing the model:
+
+  items  [W] int32    the window (left-padded, newest last), W = max_len
+  times  [W] int32    their timestamps (seconds; zeros if the model has no
+                      time bias)
+  count  []  int64    events seen in all
+  seen   [S] int32    the last S item ids (ring, newest last), excluded from
+                      recommendations; S = `max_seen`
+  h      [D] float32  the user state at the newest event
+  b<i>.* per block    the attention cache (`incremental`), only when the
+                      model is cacheable
+
+One event costs one position's forward pass while the window fills; once it
+is full (and always for `model.positions="right"` models) the event
+re-encodes the window, exactly as the model sees it (see `incremental`).
+Batches of users are padded to powers of two so that at most log2(max)
+shapes are ever compiled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time as time_lib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Training code (models, checkpoints, data) is imported where a model is
+# built, not here: an engine made from exported artefacts (`from_export`)
+# runs with jax and numpy alone.
+
+CACHES = ("auto", "kv", "none")
+
+
+def _bucket(n: int) -> int:
+  return 1 << max(0, (n - 1).bit_length())
+
+
+SCORINGS = ("exact", "int8")
+
+
+def scoring_table(vectors: jax.Array, scoring: str = "exact") -> dict:
+  """The arrays `top_k` scans: `{"vectors"}` plus an int8 copy for "int8".
+
+  "int8" keeps each item row as int8 with one float scale per row
+  (symmetric, max-abs): the catalogue scan then reads a quarter of the
+  bytes (at 10^6 items x 64 dims, 64 MB instead of 256 MB per query, which
+  bounds a CPU's latency), and the best candidates are re-scored exactly.
+  """
+  if scoring not in SCORINGS:
+    raise ValueError(f"scoring={scoring!r}: allowed values are "
+                     f"{list(SCORINGS)}")
+  table = {"vectors": vectors}
+  if scoring == "int8":
+    scale = jnp.max(jnp.abs(vectors), axis=1) / 127.0
+    safe = jnp.where(scale > 0, scale, 1.0)
+    table["q"] = jnp.round(vectors / safe[:, None]).astype(jnp.int8)
+    table["scale"] = scale
+  return table
+
+
+def _exclude(scores, seen):
+  scores = scores.at[:, 0].set(-jnp.inf)
+  rows = jnp.arange(scores.shape[0])[:, None]
+  return scores.at[rows, seen].set(-jnp.inf)
+
+
+def top_k(table: dict, h: jax.Array, seen: jax.Array, k: int):
+  """Best `k` items for user states `h [B, D]`, `seen [B, S]` excluded.
+
+  Scores are inner products with the output item vectors
+  `table["vectors"] [V+1, D]` (row 0, padding, is never returned). With an
+  int8 copy (`scoring_table(..., "int8")`) the catalogue is scanned in int8
+  and the best `max(4k, 256)` candidates are re-scored in float32: returned
+  scores are exact, and so is the list unless the int8 rounding pushed one
+  of the true top k below that many candidates (`experiments/007_serving`
+  measures the recall). Returns `(ids [B, k] int32, scores [B, k])`.
+  """
+  if "q" not in table:
+    scores, ids = jax.lax.top_k(_exclude(h @ table["vectors"].T, seen), k)
+    return ids.astype(jnp.int32), scores
+  rough = (h @ table["q"].astype(h.dtype).T) * table["scale"]
+  n = min(max(4 * k, 256), table["q"].shape[0])
+  rough, cand = jax.lax.top_k(_exclude(rough, seen), n)
+  exact = jnp.einsum("bd,bnd->bn", h, table["vectors"][cand])
+  exact = jnp.where(jnp.isfinite(rough), exact, -jnp.inf)
+  scores, pick = jax.lax.top_k(exact, k)
+  return jnp.take_along_axis(cand, pick, 1).astype(jnp.int32), scores
+
+
+def state_spec(max_len: int, dim: int, max_seen: int) -> dict:
+  """`{name: (shape, dtype)}` of a user's state without the cache."""
+  return {"items": ((max_len,), "int32"), "times": ((max_len,), "int32"),
+          "count": ((), "int64"), "seen": ((max_seen,), "int32"),
+          "h": ((dim,), "float32")}
+
+
+def restore_model(workdir: str, which: str = "best"):
+  """`(model, config, dataset)` of a trained run's `best` or `latest` ckpt."""
+  # pylint: disable=g-import-not-at-top
+  import ml_collections
+  from flax import nnx
+  from recattn import checkpoint as checkpoint_lib
+  from recattn import models
+  from recattn import train
+  from recattn.data import loading as data_lib
+  # pylint: enable=g-import-not-at-top
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  ds = data_lib.load(config.data)
+  model = models.create(config.model, num_items=ds.num_items,
+                        max_len=config.data.max_len, seed=config.seed)
+  graphdef, params = nnx.split(model, nnx.Param)
+  tx = train.make_optimizer(config.optimizer, 1)
+  template = {"params": params, "opt_state": tx.init(params),
+              "step": jnp.zeros((), jnp.int32)}
+  ckpts = checkpoint_lib.Checkpoints(workdir)
+  try:
+    restored = (ckpts.restore_best(template) if which == "best"
+                else ckpts.restore_latest(template))
+  finally:
+    ckpts.close()
+  if restored is None:
+    raise FileNotFoundError(f"{workdir}/ckpt/{which}: no checkpoint to serve")
+  return nnx.merge(graphdef, restored[0]["params"]), config, ds
+
+
+class Engine:
+  """Per-user states and recommendations from one trained model.
+
+  Built by `from_model` (in process), `from_workdir` (a trained run) or
+  `from_export` (artefacts of `recattn.serving.export`, no model code).
+
+  Attributes:
+    max_len: window W.
+    num_items: item ids 1..num_items (0 = padding).
+    original_item_ids: `[num_items]`; internal id i is original id
+      `original_item_ids[i - 1]`.
+    cached: whether events update a cache (else they re-encode the window).
+  """
+
+  def __init__(self, *, encode_fn: Callable, append_fn: Callable,
+               top_k_fn: Callable, params, table, spec: dict,
+               cache_keys: tuple[str, ...], max_len: int, cached: bool,
+               why_not_cached: str, uses_time: bool,
+               original_item_ids: np.ndarray, popular: np.ndarray,
+               info: dict):
+    self.encode_fn, self.append_fn, self.top_k_fn = (encode_fn, append_fn,
+                                                     top_k_fn)
+    self.params, self.table = params, table
+    self.scoring = "int8" if "q" in table else "exact"
+    self.spec = {k: (tuple(shape), str(dtype)) for k, (shape, dtype) in
+                 spec.items()}
+    self.cache_keys = tuple(cache_keys)
+    self.max_len = max_len
+    self.num_items = int(table["vectors"].shape[0]) - 1
+    self.dim = int(table["vectors"].shape[1])
+    self.max_seen = self.spec["seen"][0][0]
+    self.cached, self.why_not_cached = cached, why_not_cached
+    self.uses_time = uses_time
+    self.original_item_ids = np.asarray(original_item_ids, np.int64)
+    if len(self.original_item_ids) != self.num_items:
+      raise ValueError(f"{len(self.original_item_ids)} original ids for "
+                       f"{self.num_items} items")
+    # Cold start (no event yet): most popular items first.
+    self.popular = np.asarray(popular, np.int32)
+    self.info = dict(info)
+    self._model = None  # set by from_model, for `full_forward`
+
+  @classmethod
+  def from_model(cls, model, *, max_len: int, original_item_ids: np.ndarray,
+                 cache: str = "auto", max_seen: int = 1024,
+                 scoring: str = "exact", popular: np.ndarray | None = None,
+                 info: dict | None = None) -> "Engine":
+    """An engine around an in-process model (jitted functions)."""
+    # pylint: disable=g-import-not-at-top
+    from flax import nnx
+    from recattn.models import base
+    from recattn.serving import incremental
+    # pylint: enable=g-import-not-at-top
+    if cache not in CACHES:
+      raise ValueError(f"cache={cache!r}: allowed values are {list(CACHES)}")
+    ok, why = incremental.cacheable(model)
+    if cache == "kv" and not ok:
+      raise ValueError(f"cache='kv' is impossible for this model: {why}")
+    cached = ok and cache != "none"
+    graphdef, params = nnx.split(model)
+    table = scoring_table(model.all_item_vectors(), scoring)
+
+    def encode_fn(params, items, times):
+      return incremental.encode_window(nnx.merge(graphdef, params), items,
+                                       times)
+
+    def append_fn(params, cache, items, times, item, time):
+      return incremental.append(nnx.merge(graphdef, params), cache, items,
+                                times, item, time)
+
+    spec = state_spec(max_len, model.dim, max_seen)
+    cache_spec = incremental.cache_spec(model, max_len) if cached else {}
+    spec.update(cache_spec)
+    engine = cls(
+        encode_fn=jax.jit(encode_fn), append_fn=jax.jit(append_fn),
+        top_k_fn=jax.jit(top_k, static_argnums=3), params=params,
+        table=table, spec=spec, cache_keys=tuple(cache_spec),
+        max_len=max_len, cached=cached,
+        why_not_cached="" if cached else (why or "cache='none'"),
+        uses_time=base.uses_time(model.rel_bias),
+        original_item_ids=original_item_ids,
+        popular=(np.arange(1, model.num_items + 1) if popular is None
+                 else popular), info=info or {})
+    engine._model = (graphdef, params)
+    return engine
+
+  @classmethod
+  def from_workdir(cls, workdir: str, *, which: str = "best",
+                   cache: str = "auto", max_seen: int = 1024,
+                   scoring: str = "exact") -> "Engine":
+    """Loads a trained run (`python -m recattn.main ... --workdir=...`)."""
+    # pylint: disable=g-import-not-at-top
+    from recattn import reporting
+    from recattn.data import batching
+    from recattn.data import loading as data_lib
+    # pylint: enable=g-import-not-at-top
+    model, config, ds = restore_model(workdir, which)
+    counts = batching.item_counts(ds)
+    popular = np.argsort(-counts[1:], kind="stable") + 1
+    info = {"workdir": os.path.abspath(workdir), "checkpoint": which,
+            "model": config.model.name, "attention": config.model.attention,
+            "data": config.data.name,
+            "commit": reporting.environment().get("commit")}
+    return cls.from_model(
+        model, max_len=config.data.max_len,
+        original_item_ids=data_lib.original_item_ids(config.data),
+        cache=cache, max_seen=max_seen, scoring=scoring, popular=popular,
+        info=info)
+
+  @classmethod
+  def from_export(cls, directory: str) -> "Engine":
+    """Loads `recattn.serving.export.export`'s artefacts (jax + numpy)."""
+    from recattn.serving import export as export_lib  # pylint: disable=g-import-not-at-top
+    return export_lib.load(directory, cls)
+
+  def describe(self) -> dict[str, Any]:
+    """JSON-able facts for health checks and benchmark records."""
+    return {**self.info, "max_len": self.max_len,
+            "num_items": self.num_items, "dim": self.dim,
+            "cached": self.cached, "why_not_cached": self.why_not_cached,
+            "uses_time": self.uses_time, "max_seen": self.max_seen,
+            "scoring": self.scoring,
+            "state_bytes": self.state_bytes()}
+
+  def state_bytes(self) -> int:
+    """Bytes of one user's state."""
+    return sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
+               for shape, dtype in self.spec.values())
+
+  def new_state(self) -> dict[str, np.ndarray]:
+    """A user with no event yet."""
+    return {k: np.zeros(shape, dtype) for k, (shape, dtype) in
+            self.spec.items()}
+
+  def _stack(self, states, keys, n: int):
+    out = {}
+    for key in keys:
+      x = np.stack([s[key] for s in states])
+      out[key] = np.concatenate(
+          [x, np.zeros((n - len(states),) + x.shape[1:], x.dtype)])
+    return out
+
+  def observe(self, states, items, times=None) -> list[dict]:
+    """Appends one event per user; returns new states (inputs untouched).
+
+    Args:
+      states: list of states (`new_state()` or earlier results).
+      items: `[n]` internal item ids in 1..num_items.
+      times: `[n]` unix seconds, or None (then: now, if the model uses
+        time).
+    """
+    n = len(states)
+    items = np.asarray(items, np.int32).reshape(n)
+    if np.any((items < 1) | (items > self.num_items)):
+      raise ValueError(f"item ids must be in 1..{self.num_items}")
+    if times is None:
+      times = np.full(n, int(time_lib.time()), np.int64)
+    times = np.asarray(times, np.int64).reshape(n).astype(np.int32)
+    full = np.array([s["items"][0] > 0 for s in states], bool)
+    out = [dict(s) for s in states]
+    step = np.flatnonzero(~full) if self.cached else np.array([], int)
+    redo = np.flatnonzero(full) if self.cached else np.arange(n)
+    if len(step):
+      self._append([states[i] for i in step], items[step], times[step],
+                    [out[i] for i in step])
+    if len(redo):
+      self._reencode([states[i] for i in redo], items[redo], times[redo],
+                     [out[i] for i in redo])
+    for s, item in zip(out, items):
+      s["seen"] = np.concatenate([s["seen"][1:], [item]]).astype(np.int32)
+      s["count"] = np.asarray(s["count"] + 1, np.int64)
+    return out
+
+  def _append(self, states, items, times, out):
+    m = _bucket(len(states))
+    batch = self._stack(states, ("items", "times") + self.cache_keys, m)
+    cache = {k: batch[k] for k in self.cache_keys}
+    pad = m - len(states)
+    item = np.concatenate([items, np.ones(pad, np.int32)])
+    time = np.concatenate([times, np.zeros(pad, np.int32)])
+    h, cache, w_items, w_times = self.append_fn(
+        self.params, cache, batch["items"], batch["times"], item, time)
+    self._scatter(out, h, cache, w_items, w_times)
+
+  def _reencode(self, states, items, times, out):
+    m = _bucket(len(states))
+    batch = self._stack(states, ("items", "times"), m)
+    pad = m - len(states)
+    item = np.concatenate([items, np.ones(pad, np.int32)])
+    time = np.concatenate([times, np.zeros(pad, np.int32)])
+    w_items = np.concatenate([batch["items"][:, 1:], item[:, None]], 1)
+    w_times = np.concatenate([batch["times"][:, 1:], time[:, None]], 1)
+    h, cache = self.encode_fn(self.params, w_items, w_times)
+    self._scatter(out, h, cache, w_items, w_times)
+
+  def _scatter(self, out, h, cache, w_items, w_times):
+    h, cache, w_items, w_times = jax.device_get((h, cache, w_items, w_times))
+    for i, s in enumerate(out):
+      s["items"] = np.asarray(w_items[i], np.int32)
+      s["times"] = np.asarray(w_times[i], np.int32)
+      s["h"] = np.asarray(h[i], np.float32)
+      for k in self.cache_keys:
+        s[k] = np.asarray(cache[k][i])
+
+  def recommend(self, states, k: int, exclude_seen: bool = True):
+    """`(ids [n, k], scores [n, k])`, internal ids, best first.
+
+    Users without events get the most popular items (scores NaN).
+    """
+    n = len(states)
+    if not 1 <= k <= self.num_items:
+      raise ValueError(f"k={k}: must be in 1..{self.num_items}")
+    m = _bucket(n)
+    batch = self._stack(states, ("h", "seen", "count"), m)
+    seen = batch["seen"] if exclude_seen else np.zeros_like(batch["seen"])
+    kk = min(max(_bucket(k), 16), self.num_items)
+    ids, scores = jax.device_get(self.top_k_fn(self.table, batch["h"], seen,
+                                               kk))
+    ids, scores = np.array(ids[:n, :k]), np.array(scores[:n, :k])
+    for i in np.flatnonzero(batch["count"][:n] == 0):
+      ids[i] = self.popular[:k]
+      scores[i] = np.nan
+    return ids, scores
+
+  def full_forward(self, item_lists, time_lists=None) -> np.ndarray:
+    """Reference: `h [n, D]` from `model.encode` over each user's last
+    `max_len` events (what a user's state must equal after those events)."""
+    n = len(item_lists)
+    w = self.max_len
+    items = np.zeros((n, w), np.int32)
+    times = np.zeros((n, w), np.int32)
+    for i, seq in enumerate(item_lists):
+      seq = np.asarray(seq)[-w:]
+      items[i, w - len(seq):] = seq
+      if time_lists is not None:
+        t = np.asarray(time_lists[i])[-w:]
+        times[i, w - len(t):] = t
+    if self._model is None:
+      raise ValueError("full_forward needs the model (Engine.from_model)")
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    model = nnx.merge(*self._model)
+    h = model.encode(jnp.asarray(items),
+                     times=jnp.asarray(times) if self.uses_time else None)
+    return np.asarray(h[:, -1])

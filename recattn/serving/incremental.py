@@ -1,0 +1,232 @@
+"""Incremental inference: a user's state after each new event.
+
+A trained sequence model (`models.base.SequenceRecommender`) answers "what
+next?" from the state at the newest position of its window. Re-running the
+whole window for every event costs a forward pass over `max_len` items;
+here each block's attention core keeps what later positions need, so one
+event costs one position's forward pass:
+
+* every softmax-family variant (`dot`, `scaled_dot`, `blockwise`, `local`,
+  `hstu`, `low_rank`, `additive`, `din`): the keys and values of every
+  window position, per block (HSTU's cached k/v; `u` and `q` are per
+  position and never needed again);
+* `linear`: the running sums `S = sum phi(k) v^T` and `z = sum phi(k)` per
+  block, O(1) per event whatever the window.
+
+The new position's query attends to the cached keys through the variant's
+own function (queries are right-aligned to keys, `attention.Mask`), so the
+cached state is the variant's, not a re-implementation, and any block that
+computes its q, k, v per position and calls the core made by
+`attention.layer` gets a cache for free.
+
+Exactness. After n <= max_len events the state equals `model.encode` over
+the same n events in a `max_len`-wide, left-padded window (the evaluator's
+layout), to float32 rounding. Past max_len the window drops its oldest item,
+as training's truncation does; the dropped item had shaped every later key
+and value, so no cache survives it: such an event re-encodes the window
+(`encode_window`), which is what the model would compute anyway.
+
+Positions. `model.positions="right"` (SASRec's original: counted back from
+the newest item) moves every position at every event, so such models have
+no reusable cache (`cacheable` says why) and are served by re-encoding the
+window per event; `"left"` and `"none"` keep earlier positions fixed.
+
+Every function here is pure in `(params, arrays)` with the model's graphdef
+closed over, so it can be jitted and exported (`recattn.serving.export`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from recattn import attention
+from recattn.attention import linear as linear_lib
+from recattn.models import base
+
+
+def _core_types() -> tuple[type, ...]:
+  mods = tuple(v.module for v in attention.REGISTRY.values() if v.module)
+  return (attention._Stateless,) + mods  # pylint: disable=protected-access
+
+
+def _variant_of(core) -> str:
+  """Registry name of the variant an attention core runs."""
+  for name, variant in attention.REGISTRY.items():
+    fn = getattr(getattr(core, "fn", None), "func", None)
+    if fn is variant.fn or (variant.module and type(core) is variant.module):
+      return name
+  raise ValueError(f"unknown attention core {type(core).__name__}")
+
+
+def _cores(block) -> list[tuple[object, str, object]]:
+  """`(parent, attribute, core)` of every attention core inside `block`."""
+  types = _core_types()
+  found = []
+  for path, module in nnx.iter_modules(block):
+    if isinstance(module, types):
+      parent = block
+      for part in path[:-1]:
+        parent = (parent[part] if isinstance(part, int)
+                  else getattr(parent, part))
+      found.append((parent, path[-1], module))
+  return found
+
+
+def cacheable(model: base.SequenceRecommender) -> tuple[bool, str]:
+  """Whether appending an event can reuse cached state, and if not why."""
+  if model.positions == "right":
+    return False, ("model.positions='right' counts positions back from the "
+                   "newest item, so every event moves every earlier item's "
+                   "position embedding (and its keys and values); train with "
+                   "model.positions='left' or 'none' for an incremental "
+                   "cache")
+  for block in model.blocks:
+    cores = _cores(block)
+    if len(cores) != 1:
+      return False, (f"{type(block).__name__} has {len(cores)} attention "
+                     "cores; the cache handles one per block")
+  return True, ""
+
+
+class _KVCore:
+  """Wraps a core: records k/v over a window, or attends from new positions.
+
+  mode "record": a full-window call; keeps k, v `[B, W, H, D]`.
+  mode "append": `k`, `v` hold the window before the event; the new
+  position's k/v are appended (the oldest slot, empty while the window
+  fills, is dropped) and the new query attends over the whole window.
+  """
+
+  def __init__(self, inner, mode: str, k=None, v=None):
+    self.inner, self.mode, self.k, self.v = inner, mode, k, v
+
+  def __call__(self, q, k, v, mask, bias=None, **kwargs):
+    if self.mode == "append":
+      k = jnp.concatenate([self.k[:, k.shape[1]:], k], axis=1)
+      v = jnp.concatenate([self.v[:, v.shape[1]:], v], axis=1)
+    self.k, self.v = k, v
+    return self.inner(q, k, v, mask, bias, **kwargs)
+
+  def state(self) -> dict:
+    return {"k": self.k, "v": self.v}
+
+
+class _LinearCore:
+  """`linear`'s O(1) state: `S [B, H, F, D]`, `z [B, H, F]` over the keys."""
+
+  def __init__(self, inner, mode: str, s=None, z=None):
+    self.inner, self.mode, self.s, self.z = inner, mode, s, z
+    self.feature = inner.fn.keywords.get("feature", "elu")
+
+  def __call__(self, q, k, v, mask, bias=None, **kwargs):
+    fk = linear_lib.feature_map(k, self.feature)
+    if self.mode == "record":
+      # Keys the window's newest query sees (left padding is invalid).
+      if mask.key_valid is not None:
+        fk = fk * mask.key_valid[:, :, None, None]
+      v32 = v.astype(jnp.float32)
+      self.s = jnp.einsum("blhf,blhd->bhfd", fk, v32)
+      self.z = jnp.sum(fk, axis=1)
+      return self.inner(q, k, v, mask, bias, **kwargs)
+    # One new position (always valid); same normaliser as linear.reference.
+    self.s = self.s + jnp.einsum("blhf,blhd->bhfd", fk,
+                                 v.astype(jnp.float32))
+    self.z = self.z + jnp.sum(fk, axis=1)
+    fq = linear_lib.feature_map(q, self.feature)  # [B, 1, H, F]
+    num = jnp.einsum("blhf,bhfd->blhd", fq, self.s)
+    if self.feature == "elu":
+      den = jnp.einsum("blhf,bhf->blh", fq, self.z)[..., None]
+      out = num / jnp.where(den > 0, den, 1.0)
+    else:
+      out = num / jnp.sqrt(jnp.asarray(q.shape[-1], jnp.float32))
+    return out.astype(q.dtype), None
+
+  def state(self) -> dict:
+    return {"s": self.s, "z": self.z}
+
+
+def _wrap(model, mode: str, cache: dict | None):
+  """Swaps every block's core for a caching one; returns the wrappers."""
+  wrappers = []
+  for i, block in enumerate(model.blocks):
+    (parent, name, core), = _cores(block)
+    mine = {} if cache is None else {
+        key.split(".", 1)[1]: value for key, value in cache.items()
+        if key.startswith(f"b{i}.")}
+    cls = _LinearCore if _variant_of(core) == "linear" else _KVCore
+    wrapper = cls(core, mode, **mine)
+    setattr(parent, name, wrapper)
+    wrappers.append(wrapper)
+  return wrappers
+
+
+def _collect(wrappers) -> dict:
+  return {f"b{i}.{key}": value for i, w in enumerate(wrappers)
+          for key, value in w.state().items()}
+
+
+def cache_spec(model, window: int) -> dict[str, tuple[tuple[int, ...], str]]:
+  """`{name: (shape without batch, dtype)}` of one user's cache."""
+  items = jnp.zeros((1, window), jnp.int32)
+  times = jnp.zeros((1, window), jnp.int32)
+
+  def run(model):
+    return encode_window(model, items, times)[1]
+
+  shapes = jax.eval_shape(run, model)
+  return {k: (tuple(v.shape[1:]), str(v.dtype)) for k, v in shapes.items()}
+
+
+def encode_window(model, items: jax.Array, times: jax.Array | None):
+  """Full forward over windows; returns `(h [B, D], cache)`.
+
+  Args:
+    model: the (merged) model; its attention cores are swapped for
+      recording ones, so pass a throwaway copy (inside a jitted function a
+      fresh `nnx.merge` is one).
+    items: `[B, W]` left-padded item ids (W = max_len).
+    times: `[B, W]` int32 seconds aligned with `items`, or None.
+  """
+  wrappers = _wrap(model, "record", None)
+  h = model.encode(items, times=_times_or_none(model, times))
+  return h[:, -1], _collect(wrappers)
+
+
+def _times_or_none(model, times):
+  return times if base.uses_time(model.rel_bias) else None
+
+
+def append(model, cache: dict, items: jax.Array, times: jax.Array | None,
+           item: jax.Array, time: jax.Array | None):
+  """One new event per user on a window that is not full.
+
+  Args:
+    model: throwaway merged model (see `encode_window`).
+    cache: `encode_window`'s or `append`'s cache for `items`.
+    items: `[B, W]` the window BEFORE the event (its first slot is empty).
+    times: `[B, W]` int32 or None.
+    item: `[B]` new item ids (> 0).
+    time: `[B]` int32 new timestamps, or None.
+
+  Returns:
+    `(h [B, D], cache, items, times)` after the event.
+  """
+  width = items.shape[1]
+  items = jnp.concatenate([items[:, 1:], item[:, None]], axis=1)
+  if times is not None:
+    times = jnp.concatenate([times[:, 1:], time[:, None]], axis=1)
+  valid = items > 0
+  if model.positions == "left":
+    pos = jnp.sum(valid, axis=1, keepdims=True) - 1
+  else:  # "none" (or "right", never cached: see `cacheable`)
+    pos = jnp.full((items.shape[0], 1), width - 1)
+  x = model.embed_at(item[:, None], pos)
+  mask = attention.Mask(causal=True, key_valid=valid)
+  bias = model.attention_bias(_times_or_none(model, times))
+  wrappers = _wrap(model, "append", cache)
+  for block in model.blocks:
+    x, _ = block(x, mask, bias, rngs=None)
+  h = model.output(x)[:, 0]
+  return h, _collect(wrappers), items, times
