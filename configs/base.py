@@ -35,6 +35,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Multi-process runs: each process reads and batches only its users
   # (u % P == process index); see docs/distributed.md.
   c.data.process_shards = False
+  # Hold out the newest fraction of all interactions (by time) from
+  # training, for a streaming replay (python -m recattn.serving.stream);
+  # 0 = off. Needs timestamps.
+  c.data.stream_holdout = 0.0
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "sasrec"

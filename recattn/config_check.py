@@ -63,6 +63,10 @@ def validate(config) -> None:
   shards = config.data.get("process_shards", False)
   _require(isinstance(shards, bool),
            f"config.data.process_shards={shards!r}: must be True or False")
+  holdout = config.data.get("stream_holdout", 0.0)
+  _require(isinstance(holdout, (int, float)) and 0.0 <= holdout < 1.0,
+           f"config.data.stream_holdout={holdout!r}: must be in [0, 1) "
+           "(0 = off)")
   _choice(config, "loss.name", losses.LOSSES)
   _choice(config, "loss.sampling", losses.SAMPLINGS)
   if config.loss.name not in losses.EXACT:

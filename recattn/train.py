@@ -28,6 +28,7 @@ from recattn import models
 from recattn import reporting
 from recattn import sharding
 from recattn.data import batching
+from recattn.data import dataset as dataset_lib
 from recattn.models import base as models_base
 from recattn.evaluation import Evaluator
 
@@ -203,6 +204,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   shards = bool(config.data.get("process_shards", False))
   shard = (jax.process_index(), jax.process_count()) if shards else None
   ds = _load_data(config.data, shard)
+  holdout = config.data.get("stream_holdout", 0.0)
+  if holdout:
+    # The newest interactions are kept out of training and evaluation for
+    # a streaming replay (recattn.serving.stream).
+    if shards:
+      raise config_check.ConfigError(
+          "config.data.stream_holdout needs every user's events in one "
+          "process (a global time order); use data.process_shards=False")
+    ds, _ = dataset_lib.time_split(ds, holdout)
   if shards:
     ds = _with_global_time_origin(ds)
   counts = batching.item_counts(ds)

@@ -180,3 +180,24 @@ def test_int8_scan_returns_exact_scores_of_the_true_top_k():
       assert not np.isin(ids_q[row], seen[row]).any()
   with pytest.raises(ValueError, match="scoring='fp8'"):
     engine_lib.scoring_table(vectors, "fp8")
+
+
+@pytest.mark.parametrize("attention", ["scaled_dot", "linear"])
+def test_start_from_histories_equals_observing_them(attention):
+  engine = engine_lib.Engine.from_model(
+      _model("sasrec", attention, {"model.rel_bias": "time"}
+             if attention == "scaled_dot" else {}),
+      max_len=MAX_LEN, max_seen=16,
+      original_item_ids=np.arange(NUM_ITEMS) + 1)
+  items, times = _events(MAX_LEN + 6, seed=5)
+  lengths = [0, 3, MAX_LEN + 6]
+  started = engine.start([items[u, :n] for u, n in enumerate(lengths)],
+                         [times[u, :n] for u, n in enumerate(lengths)])
+  for u, n in enumerate(lengths):
+    state = engine.new_state()
+    for t in range(n):
+      state, = engine.observe([state], items[u, t:t + 1], times[u, t:t + 1])
+    assert set(started[u]) == set(state)
+    for key in state:
+      np.testing.assert_allclose(started[u][key], state[key], atol=1e-5,
+                                 rtol=1e-5, err_msg=f"user {u} {key}")

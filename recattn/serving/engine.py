@@ -227,9 +227,13 @@ class Engine:
     # pylint: disable=g-import-not-at-top
     from recattn import reporting
     from recattn.data import batching
+    from recattn.data import dataset as dataset_lib
     from recattn.data import loading as data_lib
     # pylint: enable=g-import-not-at-top
     model, config, ds = restore_model(workdir, which)
+    holdout = config.data.get("stream_holdout", 0.0)
+    if holdout:  # popularity as the model was trained: without the replay
+      ds, _ = dataset_lib.time_split(ds, holdout)
     counts = batching.item_counts(ds)
     popular = np.argsort(-counts[1:], kind="stable") + 1
     info = {"workdir": os.path.abspath(workdir), "checkpoint": which,
@@ -356,6 +360,36 @@ class Engine:
       ids[i] = self.popular[:k]
       scores[i] = np.nan
     return ids, scores
+
+  def start(self, item_lists, time_lists=None) -> list[dict]:
+    """States after whole histories, in one window encode per user.
+
+    Equal to observing each history's events one by one (the state after
+    n events depends only on the last `max_len` of them), at the cost of
+    one forward pass. Empty histories give `new_state()`.
+    """
+    n, w = len(item_lists), self.max_len
+    out = [self.new_state() for _ in range(n)]
+    todo = [i for i in range(n) if len(item_lists[i])]
+    for lo in range(0, len(todo), 256):
+      part = todo[lo:lo + 256]
+      m = _bucket(len(part))
+      items = np.zeros((m, w), np.int32)
+      times = np.zeros((m, w), np.int32)
+      for row, i in enumerate(part):
+        seq = np.asarray(item_lists[i], np.int32)[-w:]
+        items[row, w - len(seq):] = seq
+        if time_lists is not None:
+          t = np.asarray(time_lists[i], np.int64)[-w:]
+          times[row, w - len(t):] = t.astype(np.int32)
+      h, cache = self.encode_fn(self.params, items, times)
+      states = [out[i] for i in part]
+      self._scatter(states, h, cache, items, times)
+      for state, i in zip(states, part):
+        seq = np.asarray(item_lists[i], np.int32)[-self.max_seen:]
+        state["seen"][self.max_seen - len(seq):] = seq
+        state["count"] = np.asarray(len(item_lists[i]), np.int64)
+    return out
 
   def full_forward(self, item_lists, time_lists=None) -> np.ndarray:
     """Reference: `h [n, D]` from `model.encode` over each user's last
