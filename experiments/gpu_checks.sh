@@ -116,8 +116,9 @@ train() {  # train <name> <workdir> <config> <overrides...>
   step $(( $(left) - 10 )) "$name" $PY -m recattn.main --config="$config" \
       --workdir="$workdir" --config.progress=False "$@"
 }
-( export JAX_PLATFORMS=cuda; step 100 pytest_gpu $PY -m pytest -q \
-    -p no:cacheprovider tests/attention_softmax_test.py -k cudnn ) &
+( export JAX_PLATFORMS=cuda; step 150 pytest_gpu $PY -m pytest -q \
+    -p no:cacheprovider tests/attention_softmax_test.py -k cudnn \
+    tests/attention_hstu_pallas_test.py tests/serving_incremental_test.py ) &
 ( train softmax_beauty \
     experiments/003_attention_variants/prelim/sasrec_beauty_softmax_full \
     configs/sasrec_beauty.py --config.loss.name=softmax ) &

@@ -80,6 +80,8 @@ def main(argv):
   logging.info("at most %d users x %d bytes of state = %.1f MiB",
                _MAX_USERS.value, describe["state_bytes"],
                _MAX_USERS.value * describe["state_bytes"] / 2**20)
+  logging.info("compiled batch shapes up to %d users in %.1f s",
+               _MAX_BATCH.value, engine.warmup(_MAX_BATCH.value))
   service = service_lib.Service(
       engine, max_users=_MAX_USERS.value, max_batch=_MAX_BATCH.value,
       max_wait_ms=_MAX_WAIT_MS.value, snapshot_path=_SNAPSHOT.value)

@@ -201,3 +201,16 @@ def test_start_from_histories_equals_observing_them(attention):
     for key in state:
       np.testing.assert_allclose(started[u][key], state[key], atol=1e-5,
                                  rtol=1e-5, err_msg=f"user {u} {key}")
+
+
+def test_warmup_compiles_every_batch_shape_a_service_uses():
+  engine = engine_lib.Engine.from_model(
+      _model("sasrec", "scaled_dot", {}), max_len=MAX_LEN,
+      original_item_ids=np.arange(NUM_ITEMS) + 1)
+  engine.warmup(4)
+  sizes = {engine.append_fn._cache_size(), engine.encode_fn._cache_size(),
+           engine.top_k_fn._cache_size()}
+  assert sizes == {3}  # batches of 1, 2 and 4
+  states = engine.observe([engine.new_state() for _ in range(3)], [1, 2, 3])
+  engine.recommend(states, 5)
+  assert engine.append_fn._cache_size() == 3  # nothing new compiled

@@ -217,6 +217,13 @@ class Engine:
         popular=(np.arange(1, model.num_items + 1) if popular is None
                  else popular), info=info or {})
     engine._model = (graphdef, params)
+    uses_time = engine.uses_time
+
+    def full_fn(params, items, times):
+      model = nnx.merge(graphdef, params)
+      return model.encode(items, times=times if uses_time else None)[:, -1]
+
+    engine._full_fn = jax.jit(full_fn)
     return engine
 
   @classmethod
@@ -334,12 +341,14 @@ class Engine:
 
   def _scatter(self, out, h, cache, w_items, w_times):
     h, cache, w_items, w_times = jax.device_get((h, cache, w_items, w_times))
+    # Copies, not views: a view would keep the whole batch's arrays alive
+    # for as long as any one of its users is held.
     for i, s in enumerate(out):
-      s["items"] = np.asarray(w_items[i], np.int32)
-      s["times"] = np.asarray(w_times[i], np.int32)
-      s["h"] = np.asarray(h[i], np.float32)
+      s["items"] = np.array(w_items[i], np.int32)
+      s["times"] = np.array(w_times[i], np.int32)
+      s["h"] = np.array(h[i], np.float32)
       for k in self.cache_keys:
-        s[k] = np.asarray(cache[k][i])
+        s[k] = np.array(cache[k][i])
 
   def recommend(self, states, k: int, exclude_seen: bool = True):
     """`(ids [n, k], scores [n, k])`, internal ids, best first.
@@ -360,6 +369,26 @@ class Engine:
       ids[i] = self.popular[:k]
       scores[i] = np.nan
     return ids, scores
+
+  def warmup(self, max_batch: int, k: int = 10) -> float:
+    """Compiles every batch shape up to `max_batch` users; returns seconds.
+
+    A service calls this before taking requests, so that no request waits
+    for a compilation (batches are padded to powers of two: log2(max_batch)
+    + 1 shapes per function).
+    """
+    t0 = time_lib.time()
+    m = 1
+    while True:
+      fresh = [self.new_state() for _ in range(m)]
+      full = [dict(s, items=np.ones_like(s["items"])) for s in fresh]
+      for states in ((fresh, full) if self.cached else (fresh,)):
+        self.observe(states, np.ones(m, np.int32), np.zeros(m, np.int64))
+      self.recommend(self.observe(fresh, np.ones(m, np.int32)), k)
+      if m >= max_batch:
+        break
+      m *= 2
+    return time_lib.time() - t0
 
   def start(self, item_lists, time_lists=None) -> list[dict]:
     """States after whole histories, in one window encode per user.
@@ -406,8 +435,4 @@ class Engine:
         times[i, w - len(t):] = t
     if self._model is None:
       raise ValueError("full_forward needs the model (Engine.from_model)")
-    from flax import nnx  # pylint: disable=g-import-not-at-top
-    model = nnx.merge(*self._model)
-    h = model.encode(jnp.asarray(items),
-                     times=jnp.asarray(times) if self.uses_time else None)
-    return np.asarray(h[:, -1])
+    return np.asarray(self._full_fn(self.params, items, times))

@@ -101,6 +101,10 @@ class FakeEngine:
     return ((order + 1).astype(np.int32),
             np.take_along_axis(scores, order, axis=1))
 
+  def warmup(self, max_batch: int, k: int = 10) -> float:
+    del max_batch, k  # nothing to compile
+    return 0.0
+
   def describe(self) -> dict:
     return {"model": "fake", "variant": "next_item", "max_len": self.max_len,
             "num_items": self.num_items, "workdir": None, "commit": None,
