@@ -1,6 +1,9 @@
 """A trained run served over HTTP: the real engine behind the real service."""
 
 import json
+import os
+import subprocess
+import sys
 import urllib.request
 
 import numpy as np
@@ -24,8 +27,12 @@ def workdir(tmp_path_factory):
     c.num_epochs = 2
     c.model.positions = "left"
     c.model.rel_bias = "time"
+    c.data.stream_holdout = 0.1  # for the streaming replay below
   train.train_and_evaluate(c, str(root / "run"))
   return str(root / "run"), c
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _serve(engine):
@@ -105,3 +112,20 @@ def test_exported_engine_serves_the_same(workdir, tmp_path):
   assert results[0]["items"] == results[1]["items"]
   np.testing.assert_allclose(results[0]["scores"], results[1]["scores"],
                              rtol=1e-5)
+
+
+def test_stream_replay_entry_point(workdir, tmp_path):
+  path, config = workdir
+  with open(os.path.join(path, "data_card.json")) as f:
+    assert json.load(f)["time_split"]["fraction"] == 0.1
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             RECATTN_DATA_DIR=config.data.data_dir)
+  out = tmp_path / "stream.json"
+  run = subprocess.run(
+      [sys.executable, "-m", "recattn.serving.stream", f"--workdir={path}",
+       f"--out={out}", "--finetune_every=200", "--finetune_steps=1"],
+      capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  metrics = json.loads(out.read_text())["metrics"]
+  assert metrics["stream/events"] > 0
+  assert 0 <= metrics["stream/full/ndcg@10"] <= metrics["stream/full/hr@10"]

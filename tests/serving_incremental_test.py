@@ -102,8 +102,9 @@ def test_users_at_different_points_batch_together():
 
 
 def test_observe_does_not_modify_its_inputs():
-  engine = engine_lib.Engine.from_model(_model("sasrec", "linear", {}), max_len=MAX_LEN,
-                             original_item_ids=np.arange(NUM_ITEMS) + 1)
+  engine = engine_lib.Engine.from_model(
+      _model("sasrec", "linear", {}), max_len=MAX_LEN,
+      original_item_ids=np.arange(NUM_ITEMS) + 1)
   state = engine.new_state()
   copy = {k: v.copy() for k, v in state.items()}
   engine.observe([state], [5])

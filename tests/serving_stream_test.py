@@ -1,23 +1,13 @@
 """Streaming replay (recattn.serving.stream) and the time split it uses."""
 
-import json
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 from configs import base as base_config
-from configs import test as test_config
 from recattn import models
-from recattn import train
 from recattn.data import dataset as dataset_lib
 from recattn.serving import engine as engine_lib
 from recattn.serving import stream
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def _dataset(num_users=30, num_items=40, seed=0):
   rng = np.random.default_rng(seed)
@@ -92,29 +82,3 @@ def test_batched_replay_equals_one_event_at_a_time():
   assert one["stream/events"] == len(events.items)
   # A hand count of the first event's hit, from a fresh state.
   assert 0 <= one["stream/full/hr@5"] <= one["stream/full/hr@10"] <= 1
-
-
-def test_stream_entry_point_on_a_trained_run(tmp_path):
-  c = test_config.get_config()
-  with c.unlocked():
-    c.data.data_dir = str(tmp_path / "tfds")
-    c.mesh.data = 1
-    c.num_epochs = 2
-    c.model.positions = "left"
-    c.data.stream_holdout = 0.1
-  final = train.train_and_evaluate(c, str(tmp_path / "run"))
-  assert np.isfinite(final["test/full/ndcg@10"])
-  with open(tmp_path / "run" / "data_card.json") as f:
-    assert json.load(f)["time_split"]["fraction"] == 0.1
-  env = dict(os.environ, JAX_PLATFORMS="cpu", RECATTN_DATA_DIR=str(
-      tmp_path / "tfds"))
-  for extra in ([], ["--finetune_every=200", "--finetune_steps=1"]):
-    out = tmp_path / f"stream{len(extra)}.json"
-    run = subprocess.run(
-        [sys.executable, "-m", "recattn.serving.stream",
-         f"--workdir={tmp_path / 'run'}", f"--out={out}", *extra],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    metrics = json.loads(out.read_text())["metrics"]
-    assert metrics["stream/events"] > 0
-    assert 0 <= metrics["stream/full/ndcg@10"] <= metrics["stream/full/hr@10"]

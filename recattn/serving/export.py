@@ -158,17 +158,21 @@ def load(directory: str, engine_cls):
       popular=popular, info=info)
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Trained run to export.")
-_OUT = flags.DEFINE_string("out", None, "Output directory.")
-_WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "Checkpoint.")
-_CACHE = flags.DEFINE_enum("cache", "auto", ["auto", "kv", "none"],
-                           "Incremental cache (auto: when the model allows).")
-_SCORING = flags.DEFINE_enum("scoring", "exact", ["exact", "int8"],
-                             "Catalogue scan: float32, or int8 + exact "
-                             "re-scoring of the best candidates.")
-_PLATFORMS = flags.DEFINE_list("platforms", None,
-                               "Export for these platforms (cpu, cuda, tpu); "
-                               "default: this machine's.")
+def _define_flags():
+  """Flags of the entry point (defined only when run as a program, so that
+  importing this module next to other entry points cannot clash)."""
+  global _WORKDIR, _OUT, _WHICH, _CACHE, _SCORING, _PLATFORMS
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Trained run to export.")
+  _OUT = flags.DEFINE_string("out", None, "Output directory.")
+  _WHICH = flags.DEFINE_enum("which", "best", ["best", "latest"], "Checkpoint.")
+  _CACHE = flags.DEFINE_enum("cache", "auto", ["auto", "kv", "none"],
+                             "Incremental cache (auto: when the model allows).")
+  _SCORING = flags.DEFINE_enum("scoring", "exact", ["exact", "int8"],
+                               "Catalogue scan: float32, or int8 + exact "
+                               "re-scoring of the best candidates.")
+  _PLATFORMS = flags.DEFINE_list("platforms", None,
+                                 "Export for these platforms (cpu, cuda, tpu); "
+                                 "default: this machine's.")
 
 
 def main(argv):
@@ -183,5 +187,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flags_as_required(["workdir", "out"])
   app.run(main)

@@ -172,18 +172,23 @@ def replay(engine, ds, events: dataset_lib.StreamEvents, *, ks=(10, 50),
   return out
 
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A run trained with "
-                               "--config.data.stream_holdout=F.")
-_KS = flags.DEFINE_list("k", ["10", "50"], "Cut-offs K of HR@K / NDCG@K.")
-_FINETUNE_EVERY = flags.DEFINE_integer(
-    "finetune_every", 0, "Fine-tune after every N events (0: frozen).")
-_FINETUNE_STEPS = flags.DEFINE_integer("finetune_steps", 4,
-                                       "Optimizer steps per fine-tune.")
-_BATCH = flags.DEFINE_integer("batch", 256, "Most events per engine call.")
-_SCORING = flags.DEFINE_enum("scoring", "exact", ["exact", "int8"],
-                             "Catalogue scan (serving.engine).")
-_OUT = flags.DEFINE_string("out", None, "Write the metrics (JSON) here; "
-                           "default <workdir>/stream_metrics.json.")
+def _define_flags():
+  """Flags of the entry point (defined only when run as a program, so that
+  importing this module next to other entry points cannot clash)."""
+  global _WORKDIR, _KS, _FINETUNE_EVERY, _FINETUNE_STEPS, _BATCH, _SCORING, \
+      _OUT
+  _WORKDIR = flags.DEFINE_string("workdir", None, "A run trained with "
+                                 "--config.data.stream_holdout=F.")
+  _KS = flags.DEFINE_list("k", ["10", "50"], "Cut-offs K of HR@K / NDCG@K.")
+  _FINETUNE_EVERY = flags.DEFINE_integer(
+      "finetune_every", 0, "Fine-tune after every N events (0: frozen).")
+  _FINETUNE_STEPS = flags.DEFINE_integer("finetune_steps", 4,
+                                         "Optimizer steps per fine-tune.")
+  _BATCH = flags.DEFINE_integer("batch", 256, "Most events per engine call.")
+  _SCORING = flags.DEFINE_enum("scoring", "exact", ["exact", "int8"],
+                               "Catalogue scan (serving.engine).")
+  _OUT = flags.DEFINE_string("out", None, "Write the metrics (JSON) here; "
+                             "default <workdir>/stream_metrics.json.")
 
 
 def main(argv):
@@ -224,5 +229,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   flags.mark_flag_as_required("workdir")
   app.run(main)
