@@ -296,5 +296,5 @@ def test_unknown_override_field_stops_before_any_run(tmp_path):
   assert proc.stderr.strip().splitlines()[-1] == (
       f"error: {path}: run test__model.atention=linear__seed0: "
       "configs/test.py has no field 'model.atention'; did you mean "
-      "['model.attention', 'model.norm', 'model.attn.alpha']?")
+      "['model.attention', 'model.positions', 'model.norm']?")
   assert proc.stdout == "" and not (tmp_path / "study" / "runs").exists()

@@ -79,7 +79,7 @@ def top_k(table: dict, h: jax.Array, seen: jax.Array, k: int):
   Scores are inner products with the output item vectors
   `table["vectors"] [V+1, D]` (row 0, padding, is never returned). With an
   int8 copy (`scoring_table(..., "int8")`) the catalogue is scanned in int8
-  and the best `max(4k, 256)` candidates are re-scored in float32: returned
+  and the best `max(2k, 128)` candidates are re-scored in float32: returned
   scores are exact, and so is the list unless the int8 rounding pushed one
   of the true top k below that many candidates (`experiments/007_serving`
   measures the recall). Returns `(ids [B, k] int32, scores [B, k])`.
@@ -88,7 +88,7 @@ def top_k(table: dict, h: jax.Array, seen: jax.Array, k: int):
     scores, ids = jax.lax.top_k(_exclude(h @ table["vectors"].T, seen), k)
     return ids.astype(jnp.int32), scores
   rough = (h @ table["q"].astype(h.dtype).T) * table["scale"]
-  n = min(max(4 * k, 256), table["q"].shape[0])
+  n = min(max(2 * k, 128), table["q"].shape[0])
   rough, cand = jax.lax.top_k(_exclude(rough, seen), n)
   exact = jnp.einsum("bd,bnd->bn", h, table["vectors"][cand])
   exact = jnp.where(jnp.isfinite(rough), exact, -jnp.inf)
