@@ -39,6 +39,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # training, for a streaming replay (python -m recattn.serving.stream);
   # 0 = off. Needs timestamps.
   c.data.stream_holdout = 0.0
+  # Train on the validation item too (only the test item held out), as
+  # generative-recommenders' research code does; needs
+  # eval.select_metric="none" (nothing left to select on).
+  c.data.train_on_valid = False
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "sasrec"
@@ -113,6 +117,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.eval.num_negatives = 100  # sampled protocol: the positive + this many
   c.eval.negatives = "uniform"  # uniform | popularity
   c.eval.seed = 0  # seed of the sampled-protocol negatives
+  # A valid/... metric, or "none": no selection, the last epoch is tested.
   c.eval.select_metric = "valid/full/ndcg@10"
   c.eval.patience = 0  # evaluations without improvement before stopping; 0 = off
 

@@ -86,9 +86,18 @@ def validate(config) -> None:
   _positive(config, "optimizer.clip_norm", zero_ok=True)
   _choice(config, "eval.negatives", ("uniform", "popularity"))
   _positive(config, "eval.patience", zero_ok=True)
-  _require(config.eval.select_metric.startswith("valid/"),
-           f"config.eval.select_metric={config.eval.select_metric!r}: "
-           "selection must use a validation metric ('valid/...')")
+  select = config.eval.select_metric
+  _require(select.startswith("valid/") or select == "none",
+           f"config.eval.select_metric={select!r}: selection must use a "
+           "validation metric ('valid/...'), or 'none' (test the last epoch)")
+  train_on_valid = config.data.get("train_on_valid", False)
+  _require(isinstance(train_on_valid, bool),
+           f"config.data.train_on_valid={train_on_valid!r}: must be True or "
+           "False")
+  _require(not train_on_valid or select == "none",
+           "config.data.train_on_valid=True trains on the validation items, "
+           f"so config.eval.select_metric={select!r} would select on "
+           "trained-on data; set config.eval.select_metric='none'")
 
 
 def _validate_attention_options(config) -> None:

@@ -215,14 +215,18 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     ds, _ = dataset_lib.time_split(ds, holdout)
   if shards:
     ds = _with_global_time_origin(ds)
-  counts = batching.item_counts(ds)
+  # data.train_on_valid: the validation item is trained on too (only the
+  # test item is held out), so nothing can be selected on validation.
+  train_holdout = 1 if config.data.get("train_on_valid", False) else 2
+  counts = batching.item_counts(ds, train_holdout)
   if shards:  # the whole dataset's, for samplers and logQ
     counts = distributed.host_allgather(counts).sum(0)
   if primary:
     reporting.write_json(os.path.join(workdir, "data_card.json"), ds.card)
   logging.info("data: %s", ds.card)
   inputs, targets = batching.train_arrays(ds, config.data.max_len,
-                                          config.data.train_windows)
+                                          config.data.train_windows,
+                                          train_holdout)
   lengths = np.sum(targets > 0, axis=1)
   with_times = models_base.uses_time(config.model.get("rel_bias", "none"))
   if with_times and ds.timestamps is None:
@@ -232,7 +236,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         "timestamps (ml-1m, ml-100k, ml-20m, ml-1m-partial, synthetic) or "
         "rel_bias 'none' | 'position' | 'alibi'")
   times = (batching.train_times(ds, config.data.max_len,
-                                config.data.train_windows)
+                                config.data.train_windows, train_holdout)
            if with_times else None)
 
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.model)
@@ -373,7 +377,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       scalars = {"train/loss": float(epoch_losses.mean()),
                  "train/epoch": epoch, "train/epoch_s": seconds}
       stop = False
-      if epoch % config.eval.every_epochs == 0 or epoch == config.num_epochs:
+      if select != "none" and (epoch % config.eval.every_epochs == 0 or
+                               epoch == config.num_epochs):
         scalars.update(valid_eval(graphdef, state["params"]))
         if scalars[select] > meta["best"]:
           meta.update(best=scalars[select], best_epoch=epoch, bad_evals=0)
@@ -394,12 +399,16 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         break
     progress.close()
 
-    best_state, best_meta = ckpts.restore_best(state)
+    if select == "none":  # no selection: the last epoch is tested
+      best_state, best_meta = state, dict(meta, best_epoch=meta["epoch"])
+    else:
+      best_state, best_meta = ckpts.restore_best(state)
     best_params = jax.device_put(best_state["params"],
                                  state_sharding["params"])
     test_eval = Evaluator(ds, "test", **eval_kwargs)
     final = {}
-    final.update(valid_eval(graphdef, best_params))
+    if train_holdout == 2:  # else validation items were trained on
+      final.update(valid_eval(graphdef, best_params))
     final.update(test_eval(graphdef, best_params))
     epoch_seconds = meta["epoch_seconds"]
     widest = np.arange(local_batch if shards else config.batch_size)

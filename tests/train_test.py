@@ -15,6 +15,7 @@ from flax import nnx
 
 from configs import test as test_config
 from recattn import config_check
+from recattn import data as data_lib
 from recattn import losses
 from recattn import models
 from recattn import sharding
@@ -135,6 +136,8 @@ def test_entry_point_end_to_end(tmp_path):
     ("model.attn.linear_feature", "relu",
      "config.model.attn.linear_feature='relu': allowed values are"),
     ("model.attn.normalizer", "max", "config.model.attn.normalizer='max'"),
+    ("data.train_on_valid", True, "set config.eval.select_metric='none'"),
+    ("model.positions", "center", "config.model.positions='center'"),
 ])
 def test_impossible_configs_name_the_field(field, value, message):
   c = test_config.get_config()
@@ -181,3 +184,19 @@ def test_time_bias_on_data_without_timestamps_names_the_field(
   with pytest.raises(config_check.ConfigError,
                      match="config.model.rel_bias='time' needs timestamps"):
     train.train_and_evaluate(c, str(tmp_path / "notime"))
+
+
+def test_train_on_valid_trains_on_the_validation_item_and_selects_nothing(
+    tmp_path):
+  c = _config(tmp_path, num_epochs=2, data__train_on_valid=True)
+  with c.unlocked():
+    c.eval.select_metric = "none"
+  final = train.train_and_evaluate(c, str(tmp_path / "run"))
+  assert final["train/best_epoch"] == final["train/epochs"] == 2
+  assert not any(k.startswith("valid/") for k in final)
+  assert np.isfinite(final["test/full/ndcg@10"])
+  ds = data_lib.load(c.data)
+  _, targets = batching.train_arrays(ds, c.data.max_len, holdout=1)
+  # The last training target of every user is now its validation item.
+  assert np.diff(ds.offsets).min() >= 3  # so every user has a row
+  np.testing.assert_array_equal(targets[:, -1], ds.items[ds.offsets[1:] - 2])

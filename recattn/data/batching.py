@@ -29,15 +29,16 @@ def _windows(items: np.ndarray, starts: np.ndarray, ends: np.ndarray,
   return np.where(valid, items[np.clip(src, 0, None)], 0).astype(np.int32)
 
 
-def _bounds(ds: SequenceDataset, split: str):
+def _bounds(ds: SequenceDataset, split: str, holdout: int | None = None):
   starts = ds.offsets[:-1]
-  ends = ds.offsets[1:] - HOLDOUT[split]
+  ends = ds.offsets[1:] - (HOLDOUT[split] if holdout is None else holdout)
   return starts, ends
 
 
-def _train_bounds(ds: SequenceDataset, max_len: int, windows: str):
+def _train_bounds(ds: SequenceDataset, max_len: int, windows: str,
+                  holdout: int = 2):
   """`(starts, ends)` of every training window (see `train_arrays`)."""
-  starts, ends = _bounds(ds, "train")
+  starts, ends = _bounds(ds, "train", holdout)
   keep = ends - starts >= 2
   starts, ends = starts[keep], ends[keep]
   if windows == "all":
@@ -53,7 +54,8 @@ def _train_bounds(ds: SequenceDataset, max_len: int, windows: str):
   return starts, ends
 
 
-def train_arrays(ds: SequenceDataset, max_len: int, windows: str = "last"):
+def train_arrays(ds: SequenceDataset, max_len: int, windows: str = "last",
+                 holdout: int = 2):
   """Returns `inputs, targets: [R, L] int32`, one row per training window.
 
   `windows="last"` keeps each user's most recent `max_len` targets (SASRec's
@@ -61,8 +63,10 @@ def train_arrays(ds: SequenceDataset, max_len: int, windows: str = "last"):
   beginning); `"all"` also cuts the earlier part of long histories into
   further non-overlapping windows, so every training target is used once per
   epoch. Users with fewer than 2 training items have no target and no row.
+  `holdout`: trailing items of each sequence never trained on (2: the
+  validation and test items; 1: only the test item, `data.train_on_valid`).
   """
-  starts, ends = _train_bounds(ds, max_len, windows)
+  starts, ends = _train_bounds(ds, max_len, windows, holdout)
   inputs = _windows(ds.items, starts, ends - 1, max_len)
   targets = _windows(ds.items, starts + 1, ends, max_len)
   return inputs, targets
@@ -77,9 +81,10 @@ def _relative_times(ds: SequenceDataset) -> np.ndarray:
   return ds.timestamps - (ds.timestamps.min() if origin is None else origin)
 
 
-def train_times(ds: SequenceDataset, max_len: int, windows: str = "last"):
+def train_times(ds: SequenceDataset, max_len: int, windows: str = "last",
+                holdout: int = 2):
   """`[R, L] int32` timestamps (seconds) of `train_arrays`' inputs."""
-  starts, ends = _train_bounds(ds, max_len, windows)
+  starts, ends = _train_bounds(ds, max_len, windows, holdout)
   return _windows(_relative_times(ds), starts, ends - 1, max_len)
 
 
@@ -106,9 +111,9 @@ def seen_items(items, starts, ends, width: int) -> np.ndarray:
                   0).astype(np.int32)
 
 
-def item_counts(ds: SequenceDataset) -> np.ndarray:
+def item_counts(ds: SequenceDataset, holdout: int = 2) -> np.ndarray:
   """`[V + 1]` interaction counts over the training part of every sequence."""
-  starts, ends = _bounds(ds, "train")
+  starts, ends = _bounds(ds, "train", holdout)
   lens = np.diff(ds.offsets)
   in_train = np.arange(len(ds.items)) < np.repeat(ends, lens)
   return np.bincount(ds.items[in_train], minlength=ds.num_items + 1)
