@@ -301,7 +301,11 @@ class Engine:
       raise ValueError(f"item ids must be in 1..{self.num_items}")
     if times is None:
       times = np.full(n, int(time_lib.time()), np.int64)
-    times = np.asarray(times, np.int64).reshape(n).astype(np.int32)
+    times = np.asarray(times, np.int64).reshape(n)
+    if np.any((times < 0) | (times > np.iinfo(np.int32).max)):
+      raise ValueError("timestamps must be unix seconds in 0..2**31-1 "
+                       "(the model's int32 time features)")
+    times = times.astype(np.int32)
     full = np.array([s["items"][0] > 0 for s in states], bool)
     out = [dict(s) for s in states]
     step = np.flatnonzero(~full) if self.cached else np.array([], int)
