@@ -19,30 +19,18 @@ event updates a cached state instead of re-encoding the window.
       --workdir=experiments/007_serving/runs/sasrec_ml100k_stream
 """
 
-from configs import base
+from configs import sasrec_ml1m
 
 
 def get_config(arg: str | None = None):
-  c = base.get_base_config()
+  if arg not in (None, "", "stream"):
+    raise ValueError(f"configs/sasrec_ml100k.py:{arg}: allowed args are "
+                     "'' (default) and 'stream'")
+  c = sasrec_ml1m.get_config()  # model, loss, optimizer, batch, max_len
   c.data.name = "ml-100k"
-  c.data.max_len = 200
-  c.model.num_blocks = 2
-  c.model.num_heads = 1
-  c.model.dim = 50
-  c.model.dropout = 0.2
-  c.model.l2_norm = True
-  c.loss.name = "sampled_softmax"
-  c.loss.num_negatives = 128
-  c.loss.temperature = 0.05
-  c.batch_size = 128
-  c.optimizer.lr = 1e-3
   c.num_epochs = 200
   c.eval.every_epochs = 10
-  c.eval.filter_seen = True
   if arg == "stream":
     c.model.positions = "left"
     c.data.stream_holdout = 0.1
-  elif arg:
-    raise ValueError(f"configs/sasrec_ml100k.py:{arg}: allowed args are "
-                     "'' (default) and 'stream'")
   return c

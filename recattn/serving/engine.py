@@ -394,6 +394,19 @@ class Engine:
       m *= 2
     return time_lib.time() - t0
 
+  def _windows(self, item_lists, time_lists, rows: int):
+    """`[rows, W]` left-padded windows (items, int32 times) of the lists."""
+    w = self.max_len
+    items = np.zeros((rows, w), np.int32)
+    times = np.zeros((rows, w), np.int32)
+    for row, seq in enumerate(item_lists):
+      seq = np.asarray(seq, np.int32)[-w:]
+      items[row, w - len(seq):] = seq
+      if time_lists is not None:
+        t = np.asarray(time_lists[row], np.int64)[-w:]
+        times[row, w - len(t):] = t.astype(np.int32)
+    return items, times
+
   def start(self, item_lists, time_lists=None) -> list[dict]:
     """States after whole histories, in one window encode per user.
 
@@ -401,20 +414,14 @@ class Engine:
     n events depends only on the last `max_len` of them), at the cost of
     one forward pass. Empty histories give `new_state()`.
     """
-    n, w = len(item_lists), self.max_len
-    out = [self.new_state() for _ in range(n)]
-    todo = [i for i in range(n) if len(item_lists[i])]
+    out = [self.new_state() for _ in item_lists]
+    todo = [i for i, seq in enumerate(item_lists) if len(seq)]
     for lo in range(0, len(todo), 256):
       part = todo[lo:lo + 256]
-      m = _bucket(len(part))
-      items = np.zeros((m, w), np.int32)
-      times = np.zeros((m, w), np.int32)
-      for row, i in enumerate(part):
-        seq = np.asarray(item_lists[i], np.int32)[-w:]
-        items[row, w - len(seq):] = seq
-        if time_lists is not None:
-          t = np.asarray(time_lists[i], np.int64)[-w:]
-          times[row, w - len(t):] = t.astype(np.int32)
+      items, times = self._windows(
+          [item_lists[i] for i in part],
+          None if time_lists is None else [time_lists[i] for i in part],
+          _bucket(len(part)))
       h, cache = self.encode_fn(self.params, items, times)
       states = [out[i] for i in part]
       self._scatter(states, h, cache, items, times)
@@ -427,16 +434,7 @@ class Engine:
   def full_forward(self, item_lists, time_lists=None) -> np.ndarray:
     """Reference: `h [n, D]` from `model.encode` over each user's last
     `max_len` events (what a user's state must equal after those events)."""
-    n = len(item_lists)
-    w = self.max_len
-    items = np.zeros((n, w), np.int32)
-    times = np.zeros((n, w), np.int32)
-    for i, seq in enumerate(item_lists):
-      seq = np.asarray(seq)[-w:]
-      items[i, w - len(seq):] = seq
-      if time_lists is not None:
-        t = np.asarray(time_lists[i])[-w:]
-        times[i, w - len(t):] = t
     if self._model is None:
       raise ValueError("full_forward needs the model (Engine.from_model)")
+    items, times = self._windows(item_lists, time_lists, len(item_lists))
     return np.asarray(self._full_fn(self.params, items, times))

@@ -65,9 +65,8 @@ class _FineTuner:
     # pylint: disable=g-import-not-at-top
     from flax import nnx
     from recattn import train
-    from recattn.data import batching
     # pylint: enable=g-import-not-at-top
-    self.nnx, self.batching = nnx, batching
+    self.nnx = nnx
     graphdef, params = engine._model  # pylint: disable=protected-access
     self.graphdef, self.params = nnx.split(nnx.merge(graphdef, params),
                                            nnx.Param)
