@@ -110,9 +110,10 @@ def _full_ranking(h, vectors, targets, seen, *, filter_seen, mesh, rules,
       check_vma=False)(h, vectors, targets, seen)
 
 
-def _eval_batch(graphdef, params, history, targets, seen, candidates,
+def _eval_batch(graphdef, params, totals, history, targets, seen, candidates,
                 weights, times=None, *, filter_seen: bool, mesh, rules,
                 k: int = 0):
+  """`totals` plus this batch's weighted metric sums; with `k`, top-k ids."""
   model = nnx.merge(graphdef, params)
   # Models without time-aware attention need not take `times`.
   kwargs = {} if times is None else {"times": times}
@@ -127,8 +128,8 @@ def _eval_batch(graphdef, params, history, targets, seen, candidates,
   cand_scores = jnp.concatenate([target_scores[:, None], cand_scores], -1)
   sampled = metrics_lib.ranking_metrics(
       metrics_lib.rank_of_target(cand_scores, target_scores))
-  total = lambda m: {name: jnp.sum(v * weights) for name, v in m.items()}
-  return total(full), total(sampled)
+  return jax.tree.map(lambda t, v: t + jnp.sum(v * weights), totals,
+                      (full, sampled))
 
 
 class Evaluator:
@@ -192,6 +193,12 @@ class Evaluator:
         functools.partial(_eval_batch, mesh=mesh, rules=rules),
         static_argnums=0, static_argnames=("filter_seen", "k"))
     self.filter_seen = filter_seen
+    zeros = metrics_lib.ranking_metrics(jnp.zeros((0,), jnp.int32))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    self._zero_totals = jax.tree.map(
+        lambda _: jax.make_array_from_callback(
+            (), replicated, lambda _: np.zeros((), np.float32)),
+        (zeros, zeros))
 
   def _batch_rows(self):
     """`(rows, keep)` per batch: this process's rows, -1 for padding.
@@ -234,10 +241,15 @@ class Evaluator:
       yield (distributed.place(batch, self.sharding, self.batch_size), keep)
 
   def __call__(self, graphdef, params) -> dict[str, float]:
-    sums = None
+    # Each batch adds to the previous batch's totals on device. The data
+    # dependency also runs the batches' all-reduces one after another:
+    # independent batches in flight at once could take every thread of
+    # XLA:CPU's pool with several devices, and the all-reduce rendezvous
+    # then timed out (abort after 40 s).
+    sums = self._zero_totals
     for batch, _ in self._batches():
-      out = self._fn(graphdef, params, *batch, filter_seen=self.filter_seen)
-      sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+      sums = self._fn(graphdef, params, sums, *batch,
+                      filter_seen=self.filter_seen)
     full, sampled = jax.device_get(sums)  # scalars: replicated everywhere
     n = self.num_users
     result = {}
@@ -257,7 +269,7 @@ class Evaluator:
     out = []
     mine = self._local if self.process_shards else slice(None)
     for batch, n in self._batches():
-      top = self._fn(graphdef, params, *batch, filter_seen=self.filter_seen,
-                     k=k)
+      top = self._fn(graphdef, params, None, *batch,
+                     filter_seen=self.filter_seen, k=k)
       out.append(np.asarray(distributed.gather(top))[mine][:n])
     return np.concatenate(out)
