@@ -83,6 +83,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   # right (SASRec: counted back from the newest item) | left (from the
   # window's first item; incremental serving) | none
   c.model.positions = "right"
+  # A ranking head for target-aware candidate scoring (M-FALCON,
+  # recattn.serving.incremental.score_targets); needs positions left|none,
+  # rel_bias none|time and loss.rank_weight > 0 to be trained.
+  c.model.rank_head = False
   c.model.pos_init = 0.02  # std of the position-embedding init
   c.model.final_norm = True  # LayerNorm on the last block's output
   c.model.remat = False  # recompute each block in the backward pass
@@ -99,6 +103,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.loss.temperature = 1.0  # logits = <h, e> / temperature
   c.loss.item_chunk = 1024  # softmax_chunked: items per block of the scan
   c.loss.gbce_t = 0.75  # gbce: calibration t in [0, 1] (Petrov & Macdonald)
+  # Weight of the ranking head's loss (model.rank_head): per row, one random
+  # position's next item against `rank_negatives` uniform items, scored
+  # target-aware after that position's history; softmax over the list.
+  c.loss.rank_weight = 0.0
+  c.loss.rank_negatives = 16
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adam"  # adam | adamw

@@ -6,6 +6,7 @@ from recattn.attention import hstu as hstu_attention
 from recattn.attention import linear
 from recattn.models import base as models_base
 from recattn.models import sasrec
+from recattn.serving import incremental
 
 
 class ConfigError(ValueError):
@@ -80,6 +81,7 @@ def validate(config) -> None:
   _positive(config, "loss.negatives_pool", zero_ok=True)
   _require(0.0 <= config.loss.gbce_t <= 1.0,
            f"config.loss.gbce_t={config.loss.gbce_t!r}: must be in [0, 1]")
+  _validate_rank_head(config)
   _choice(config, "optimizer.name", ("adam", "adamw"))
   _choice(config, "optimizer.schedule", ("constant", "cosine", "linear"))
   _positive(config, "optimizer.warmup_steps", zero_ok=True)
@@ -98,6 +100,32 @@ def validate(config) -> None:
            "config.data.train_on_valid=True trains on the validation items, "
            f"so config.eval.select_metric={select!r} would select on "
            "trained-on data; set config.eval.select_metric='none'")
+
+
+def _validate_rank_head(config) -> None:
+  """`model.rank_head` and the loss that trains it."""
+  head = config.model.get("rank_head", False)
+  _require(isinstance(head, bool),
+           f"config.model.rank_head={head!r}: must be True or False")
+  weight = config.loss.get("rank_weight", 0.0)
+  _require(isinstance(weight, (int, float)) and weight >= 0,
+           f"config.loss.rank_weight={weight!r}: must be >= 0 (0 = off)")
+  _require(not weight or head,
+           f"config.loss.rank_weight={weight!r} trains a ranking head: set "
+           "config.model.rank_head=True")
+  if not head:
+    return
+  _positive(config, "loss.rank_negatives")
+  try:
+    models_base.check_rank_head(config.model.positions, config.model.rel_bias,
+                                prefix="config.")
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  unsupported = incremental.TARGET_VARIANTS_UNSUPPORTED
+  _require(config.model.attention not in unsupported,
+           f"config.model.rank_head=True: config.model.attention="
+           f"{config.model.attention!r} cannot score candidate lists; "
+           f"unsupported: {list(unsupported)}")
 
 
 def _validate_attention_options(config) -> None:

@@ -14,11 +14,16 @@ its own from the batch).
                              softmax_chunked (scan over item blocks)
   sampled negatives:         sampled_softmax (uniform | popularity | in_batch,
                              logQ correction), bce (SASRec), gbce (gSASRec)
+
+`target_rank_loss` trains a model's ranking head (`model.rank_head`,
+`loss.rank_weight`) alongside any of them.
 """
 
 import jax
 from jax import lax
 import jax.numpy as jnp
+
+from recattn.serving import incremental
 
 SAMPLINGS = ("uniform", "popularity", "in_batch")
 EXACT = ("softmax", "softmax_chunked")  # losses over every item: no negatives
@@ -378,3 +383,35 @@ LOSSES = {
     "softmax_chunked": softmax_chunked,
     "sampled_softmax": sampled_softmax,
 }
+
+
+def target_rank_loss(model, cache, inputs, targets, times, rng, config,
+                     rngs=None):
+  """Softmax over one target-aware candidate list per row.
+
+  Per row, one uniformly drawn position t with a target: its next item and
+  `config.rank_negatives` uniform items (never the positive) are scored by
+  `recattn.serving.incremental.score_targets` after the history up to t
+  (M-FALCON: candidates see the history and themselves), reusing the
+  keys and values of the training forward pass (`cache`, from
+  `incremental.encode_recording`). Rows without targets count zero.
+  """
+  valid = targets > 0
+  count = jnp.sum(valid, axis=1)
+  pick_rng, neg_rng = jax.random.split(rng)
+  pick = jnp.floor(jax.random.uniform(pick_rng, count.shape) * count)
+  rank = jnp.cumsum(valid, axis=1) - 1
+  cut = jnp.argmax(valid & (rank == pick[:, None].astype(rank.dtype)), axis=1)
+  positive = jnp.take_along_axis(targets, cut[:, None], axis=1)
+  negatives = jax.random.randint(
+      neg_rng, (targets.shape[0], config.rank_negatives), 1,
+      model.num_items + 1)
+  logits = incremental.score_targets(
+      model, cache, inputs, times, jnp.concatenate([positive, negatives], 1),
+      cut=cut, rngs=rngs).astype(jnp.float32)
+  clash = jnp.concatenate([jnp.zeros_like(positive, bool),
+                           negatives == positive], axis=1)
+  logits = jnp.where(clash, -jnp.inf, logits)
+  per_row = jax.nn.logsumexp(logits, axis=1) - logits[:, 0]
+  has = (count > 0).astype(jnp.float32)
+  return jnp.sum(per_row * has) / jnp.maximum(jnp.sum(has), 1.0)

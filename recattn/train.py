@@ -31,6 +31,7 @@ from recattn.data import batching
 from recattn.data import dataset as dataset_lib
 from recattn.models import base as models_base
 from recattn.evaluation import Evaluator
+from recattn.serving import incremental
 
 
 class NonFiniteLossError(RuntimeError):
@@ -75,17 +76,29 @@ def make_train_step(graphdef, tx, loss_config, log_q):
   """Returns `train_step(state, batch, rng) -> (state, loss)`."""
   loss_fn = losses.LOSSES[loss_config.name]
 
+  rank_weight = loss_config.get("rank_weight", 0.0)
+
   def train_step(state, batch, rng):
     rng = jax.random.fold_in(rng, state["step"])
     dropout_rng, negatives_rng = jax.random.split(rng)
+    rank_rng = jax.random.fold_in(negatives_rng, 1)
 
     def loss(params):
       model = nnx.merge(graphdef, params)
-      kwargs = {"times": batch["times"]} if "times" in batch else {}
-      h = model.encode(batch["inputs"], rngs=nnx.Rngs(dropout=dropout_rng),
-                       **kwargs)
-      return loss_fn(model, h, batch["targets"], negatives_rng, loss_config,
-                     log_q)
+      rngs = nnx.Rngs(dropout=dropout_rng)
+      if not rank_weight:
+        kwargs = {"times": batch["times"]} if "times" in batch else {}
+        h = model.encode(batch["inputs"], rngs=rngs, **kwargs)
+        return loss_fn(model, h, batch["targets"], negatives_rng,
+                       loss_config, log_q)
+      # The ranking head's candidates attend to this pass's keys/values.
+      h, cache = incremental.encode_recording(
+          model, batch["inputs"], batch.get("times"), rngs=rngs)
+      value = loss_fn(model, h, batch["targets"], negatives_rng, loss_config,
+                      log_q)
+      return value + rank_weight * losses.target_rank_loss(
+          model, cache, batch["inputs"], batch["targets"], batch.get("times"),
+          rank_rng, loss_config, rngs=rngs)
 
     value, grads = jax.value_and_grad(loss)(state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -312,7 +325,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       num_negatives=config.eval.num_negatives,
       negatives=config.eval.negatives, seed=config.eval.seed,
       with_times=with_times, mesh=mesh, rules=rules,
-      process_shards=shards, item_counts=counts if shards else None)
+      process_shards=shards, item_counts=counts if shards else None,
+      rank_head=config.model.get("rank_head", False))
   valid_eval = Evaluator(ds, "valid", **eval_kwargs)
 
   ckpts = checkpoint_lib.Checkpoints(workdir)

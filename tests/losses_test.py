@@ -8,6 +8,7 @@ import ml_collections
 import numpy as np
 import jax
 import jax.numpy as jnp
+import optax
 import pytest
 from flax import nnx
 
@@ -16,6 +17,7 @@ from recattn import config_check
 from recattn import losses
 from recattn import models
 from recattn import train
+from recattn.serving import incremental
 
 RNG = np.random.default_rng(0)
 
@@ -330,3 +332,74 @@ def test_pooled_negatives_match_a_numpy_reference():
   want = np.log(np.exp(all_l).sum(-1)) - pos
   want = (want * (t > 0)).sum() / (t > 0).sum()
   np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def _ranker(num_items=30, max_len=10, attention="scaled_dot"):
+  c = test_config.get_config().model
+  c.positions = "left"
+  c.rank_head = True
+  c.attention = attention
+  return models.create(c, num_items=num_items, max_len=max_len, seed=0)
+
+
+def test_target_rank_loss_scores_one_target_position_per_row(monkeypatch):
+  model = _ranker()
+  inputs = jnp.array([[0, 0, 0, 5, 6, 7, 8, 9, 10, 11],
+                      [0] * 10,  # no targets: counts zero
+                      [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]], jnp.int32)
+  targets = jnp.where(inputs > 0, inputs + 1, 0)
+  seen = {}
+
+  def fake_scores(model, cache, items, times, candidates, *, cut, rngs):
+    del model, cache, times, rngs
+    seen.update(items=items, candidates=candidates, cut=cut)
+    # Logits = candidate id / 10: the softmax is easy to recompute.
+    return candidates.astype(jnp.float32) / 10.0
+
+  monkeypatch.setattr(losses.incremental, "score_targets", fake_scores)
+  config = ml_collections.ConfigDict({"rank_negatives": 40})
+  value = losses.target_rank_loss(model, {}, inputs, targets, None,
+                                  jax.random.key(0), config)
+  cut = np.asarray(seen["cut"])
+  cands = np.asarray(seen["candidates"])
+  assert cut[0] >= 3 and cut[2] >= 0  # rows 0 and 2: a position with a target
+  np.testing.assert_array_equal(cands[[0, 2], 0],
+                                np.asarray(targets)[[0, 2], cut[[0, 2]]])
+  assert cands.shape == (3, 41) and cands[:, 1:].min() >= 1
+  assert cands[:, 1:].max() <= model.num_items
+  want = []
+  for row in (0, 2):  # negatives equal to the positive are left out
+    keep = np.concatenate([[True], cands[row, 1:] != cands[row, 0]])
+    logits = cands[row][keep] / 10.0
+    want.append(np.log(np.exp(logits).sum()) - logits[0])
+  np.testing.assert_allclose(float(value), np.mean(want), rtol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["scaled_dot", "linear"])
+def test_target_rank_loss_trains_the_head(attention):
+  model = _ranker(attention=attention)
+  graphdef, params = nnx.split(model, nnx.Param)
+  rng = np.random.default_rng(0)
+  inputs = jnp.asarray(rng.integers(1, 31, (8, 10)), jnp.int32)
+  targets = jnp.roll(inputs, -1, axis=1).at[:, -1].set(3)
+  config = ml_collections.ConfigDict({"rank_negatives": 8})
+  tx = optax.adam(1e-2)
+
+  def loss(params):
+    m = nnx.merge(graphdef, params)
+    _, cache = incremental.encode_recording(m, inputs, None)
+    return losses.target_rank_loss(m, cache, inputs, targets, None,
+                                   jax.random.key(1), config)
+
+  @jax.jit
+  def step(params, opt_state):
+    value, grads = jax.value_and_grad(loss)(params)
+    updates, opt_state = tx.update(grads, opt_state)
+    return optax.apply_updates(params, updates), opt_state, value
+
+  opt_state = tx.init(params)
+  first = None
+  for _ in range(40):
+    params, opt_state, value = step(params, opt_state)
+    first = float(value) if first is None else first
+  assert float(loss(params)) < 0.5 * first

@@ -17,13 +17,14 @@ NUM_ITEMS = 40
 MAX_LEN = 8
 
 
-def _engine(attention, rel_bias="none", positions="left"):
+def _engine(attention, rel_bias="none", positions="left", rank_head=False):
   c = base_config.get_base_config().model
   c.attention = attention
   c.dim = 16
   c.num_heads = 2
   c.rel_bias = rel_bias
   c.positions = positions
+  c.rank_head = rank_head
   model = models.create(c, num_items=NUM_ITEMS, max_len=MAX_LEN, seed=1)
   return engine_lib.Engine.from_model(
       model, max_len=MAX_LEN, original_item_ids=np.arange(NUM_ITEMS) * 7,
@@ -64,6 +65,40 @@ def test_export_matches_in_process(tmp_path, attention, rel_bias, positions):
   # Any batch size runs on the one export (symbolic batch dimension).
   states_c, _ = _replay(loaded, users=5, seed=3)
   assert len(loaded.recommend(states_c, 3)[0]) == 5
+
+
+@pytest.mark.parametrize("attention,rel_bias", [("scaled_dot", "time"),
+                                               ("linear", "none")])
+def test_candidate_scores_exported_and_in_process(tmp_path, attention,
+                                                  rel_bias):
+  engine = _engine(attention, rel_bias, rank_head=True)
+  assert engine.describe()["candidate_scoring"]
+  export_lib.export(engine, str(tmp_path))
+  loaded = engine_lib.Engine.from_export(str(tmp_path))
+  states, _ = _replay(engine, n=5)
+  rng = np.random.default_rng(2)
+  lists = [rng.integers(1, NUM_ITEMS + 1, n) for n in (1, 7, 20)]
+  got = engine.score(states, lists)
+  assert [len(x) for x in got] == [1, 7, 20]
+  # One list at a time, or each candidate alone: the same logits.
+  for i, c in enumerate(lists):
+    alone = [engine.score([states[i]], [[item]])[0][0] for item in c]
+    np.testing.assert_allclose(got[i], alone, rtol=1e-5, atol=1e-5)
+  exported = loaded.score(_replay(loaded, n=5)[0], lists)
+  for a, b in zip(got, exported):
+    np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-6)
+
+
+def test_engines_without_a_ranking_head_say_why(tmp_path):
+  engine = _engine("scaled_dot")
+  assert not engine.describe()["candidate_scoring"]
+  assert "rank_head" in engine.describe()["why_no_candidate_scoring"]
+  with pytest.raises(ValueError, match="rank_head"):
+    engine.score([engine.new_state()], [[1]])
+  export_lib.export(engine, str(tmp_path))
+  loaded = engine_lib.Engine.from_export(str(tmp_path))
+  with pytest.raises(ValueError, match="rank_head"):
+    loaded.score([loaded.new_state()], [[1]])
 
 
 def test_exported_engine_needs_no_model_code(tmp_path):

@@ -201,6 +201,21 @@ def _bad_requests(c):
        b'{"user_id": "x", "item_id": 1, "item_id": 2}', 400,
        ["duplicate", "item_id"]),
       ("POST", "/v1/events", too_big, 413, ["65536"]),
+      ("POST", "/v1/score", {"item_ids": [item]}, 400, ["missing", "user_id"]),
+      ("POST", "/v1/score", {"user_id": "x"}, 400, ["missing", "item_ids"]),
+      ("POST", "/v1/score", {"user_id": "x", "item_ids": []}, 400,
+       ["item_ids", "non-empty list"]),
+      ("POST", "/v1/score", {"user_id": "x", "item_ids": item}, 400,
+       ["item_ids", "list", "int"]),
+      ("POST", "/v1/score", {"user_id": "x", "item_ids": [item, "7"]}, 400,
+       ["item_ids[1]", "integer", "str"]),
+      ("POST", "/v1/score", {"user_id": "x", "item_ids": [item, missing]},
+       400, ["item_ids[1]", "not in the catalogue"]),
+      ("POST", "/v1/score", {"user_id": "x", "item_ids": [item] * 1025}, 400,
+       ["1025", "at most 1024"]),
+      ("POST", "/v1/score", {"user_id": "x", "item_ids": [item], "k": 1}, 400,
+       ["unknown field", "k"]),
+      ("GET", "/v1/score", None, 405, ["allows POST"]),
       ("GET", f"{recs}?user_id=x&k=0", None, 400, ["k", "[1, 50]", "0"]),
       ("GET", f"{recs}?user_id=x&k=51", None, 400, ["k", "[1, 50]"]),
       ("GET", f"{recs}?user_id=x&k=-3", None, 400, ["k", "[1, 50]"]),
@@ -240,6 +255,35 @@ def test_bad_requests_are_4xx_and_leave_state_alone(client):
   assert client.service.store.user_ids() == ["keep"]  # "x" never stored.
   assert client.recs("keep", 5) == before_recs
   assert client.event("keep", 1)["events"] == 3
+
+
+def test_score_candidates_in_original_ids(client):
+  client.event("a", 7)
+  orig = client.engine.original
+  # Newest item 7: item j scores 1 - ((j - 8) mod N) / N, seen items too.
+  status, reply = client.request(
+      "POST", "/v1/score",
+      {"user_id": "a", "item_ids": orig([9, 7, 8, 9]).tolist()})
+  assert status == 200, reply
+  assert reply["items"] == orig([9, 7, 8, 9]).tolist()
+  assert reply["scores"] == pytest.approx(
+      [1 - 1 / NUM_ITEMS, 1 - (NUM_ITEMS - 1) / NUM_ITEMS, 1.0,
+       1 - 1 / NUM_ITEMS])
+  assert reply["cold_start"] is False
+  status, reply = client.request("POST", "/v1/score",
+                                 {"user_id": "new", "item_ids": [int(orig(1))]})
+  assert status == 200 and reply["cold_start"] is True
+  assert "new" not in client.service.store
+
+
+def test_score_without_a_ranking_head_is_501(make_client):
+  engine = fake.FakeEngine(NUM_ITEMS, MAX_LEN)
+  engine.describe = lambda: {"candidate_scoring": False,
+                             "why_no_candidate_scoring": "no head here"}
+  c = make_client(engine=engine)
+  status, reply = c.request("POST", "/v1/score",
+                            {"user_id": "a", "item_ids": [1000]})
+  assert status == 501 and "no head here" in reply["error"]
 
 
 def test_405_has_allow_header_and_keep_alive_survives_errors(client):

@@ -4,6 +4,7 @@ clear errors for impossible configs and non-finite losses."""
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -150,6 +151,41 @@ def test_impossible_configs_name_the_field(field, value, message):
   with pytest.raises(config_check.ConfigError, match=message.replace(
       "(", r"\(").replace("[", r"\[")):
     config_check.validate(c)
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"loss.rank_weight": 1.0}, "set config.model.rank_head=True"),
+    ({"loss.rank_weight": -1.0}, "config.loss.rank_weight=-1.0: must be >= 0"),
+    ({"model.rank_head": True}, "config.model.positions='left' or 'none'"),
+    ({"model.rank_head": True, "model.positions": "left",
+      "model.rel_bias": "alibi"}, "config.model.rel_bias='alibi'"),
+    ({"model.rank_head": True, "model.positions": "left",
+      "model.attention": "local"}, "config.model.attention='local' cannot"),
+    ({"model.rank_head": True, "model.positions": "left",
+      "loss.rank_negatives": 0}, "config.loss.rank_negatives=0"),
+])
+def test_impossible_rank_head_configs_name_the_field(fields, message):
+  c = test_config.get_config()
+  with c.unlocked():
+    for field, value in fields.items():
+      section, name = field.split(".")
+      c[section][name] = value
+  with pytest.raises(config_check.ConfigError, match=re.escape(message)):
+    config_check.validate(c)
+
+
+def test_ranking_head_trains_and_is_evaluated_target_aware(tmp_path):
+  c = test_config.get_config()
+  c.data.data_dir = str(tmp_path / "tfds")
+  c.num_epochs = 2
+  c.model.positions = "left"
+  c.model.rank_head = True
+  c.loss.rank_weight = 1.0
+  final = train.train_and_evaluate(c, str(tmp_path / "run"))
+  for split in ("valid", "test"):
+    for protocol in ("full", "sampled_uniform20", "ranker_uniform20"):
+      value = final[f"{split}/{protocol}/ndcg@10"]
+      assert 0.0 < value <= 1.0, (split, protocol, value)
 
 
 def test_entry_point_prints_one_line_for_a_bad_config(tmp_path):

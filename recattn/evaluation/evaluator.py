@@ -5,8 +5,11 @@ last state `h: [B, D]`, and ranks the held-out item
   * `full`: against every item (padding excluded; the user's earlier items
     excluded too when `filter_seen`, the target itself always kept);
   * `sampled_<strategy><N>`: against N negatives drawn once per run, none of
-    which the user ever interacted with (SASRec's protocol).
-Per-user metrics are summed on device; the host only adds batch sums.
+    which the user ever interacted with (SASRec's protocol);
+  * `ranker_<strategy><N>` (models with `rank_head`): the same target and N
+    negatives, scored by the ranking head, each candidate attending to the
+    history and itself (`recattn.serving.incremental.score_targets`).
+Per-user metrics are summed on device, batch after batch.
 With several processes each builds only its devices' rows of a batch: of
 the users in order, or (`process_shards`) of its own users, the processes
 agreeing on the number of batches; either way the sums run over every
@@ -24,6 +27,7 @@ from recattn import distributed
 from recattn import sharding as sharding_lib
 from recattn.data import batching
 from recattn.evaluation import metrics as metrics_lib
+from recattn.serving import incremental
 
 
 def _local_scores(h, table, targets, seen, *, num_rows, filter_seen,
@@ -115,9 +119,14 @@ def _eval_batch(graphdef, params, totals, history, targets, seen, candidates,
                 k: int = 0):
   """`totals` plus this batch's weighted metric sums; with `k`, top-k ids."""
   model = nnx.merge(graphdef, params)
-  # Models without time-aware attention need not take `times`.
-  kwargs = {} if times is None else {"times": times}
-  h = model.encode(history, **kwargs)[:, -1]  # [B, D]
+  ranker = getattr(model, "rank_head", None) is not None and not k
+  if ranker:  # keep the keys/values: the head's candidates attend to them
+    h, cache = incremental.encode_recording(model, history, times)
+    h = h[:, -1]
+  else:
+    # Models without time-aware attention need not take `times`.
+    kwargs = {} if times is None else {"times": times}
+    h = model.encode(history, **kwargs)[:, -1]  # [B, D]
   ranks, target_scores, top = _full_ranking(
       h, model.all_item_vectors(), targets, seen, filter_seen=filter_seen,
       mesh=mesh, rules=rules, k=k)
@@ -128,8 +137,15 @@ def _eval_batch(graphdef, params, totals, history, targets, seen, candidates,
   cand_scores = jnp.concatenate([target_scores[:, None], cand_scores], -1)
   sampled = metrics_lib.ranking_metrics(
       metrics_lib.rank_of_target(cand_scores, target_scores))
+  protocols = (full, sampled)
+  if ranker:  # the same target + negatives, scored target-aware by the head
+    logits = incremental.score_targets(
+        model, cache, history, times,
+        jnp.concatenate([targets[:, None], candidates], axis=1))
+    protocols += (metrics_lib.ranking_metrics(
+        metrics_lib.rank_of_target(logits, logits[:, 0])),)
   return jax.tree.map(lambda t, v: t + jnp.sum(v * weights), totals,
-                      (full, sampled))
+                      protocols)
 
 
 class Evaluator:
@@ -150,7 +166,8 @@ class Evaluator:
                filter_seen: bool, num_negatives: int, negatives: str,
                seed: int, with_times: bool = False, mesh=None,
                rules=sharding_lib.DEFAULT_RULES, process_shards: bool = False,
-               item_counts: np.ndarray | None = None):
+               item_counts: np.ndarray | None = None,
+               rank_head: bool = False):
     self.split = split
     self.batch_size = batch_size
     self.sampled_name = f"sampled_{negatives}{num_negatives}"
@@ -193,12 +210,18 @@ class Evaluator:
         functools.partial(_eval_batch, mesh=mesh, rules=rules),
         static_argnums=0, static_argnames=("filter_seen", "k"))
     self.filter_seen = filter_seen
+    # Protocols, in `_eval_batch`'s order. "ranker_...": the sampled
+    # protocol's candidates scored by the model's ranking head
+    # (`model.rank_head`, target-aware: `incremental.score_targets`).
+    self._protocols = ("full", self.sampled_name)
+    if rank_head:
+      self._protocols += (f"ranker_{negatives}{num_negatives}",)
     zeros = metrics_lib.ranking_metrics(jnp.zeros((0,), jnp.int32))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     self._zero_totals = jax.tree.map(
         lambda _: jax.make_array_from_callback(
             (), replicated, lambda _: np.zeros((), np.float32)),
-        (zeros, zeros))
+        (zeros,) * len(self._protocols))
 
   def _batch_rows(self):
     """`(rows, keep)` per batch: this process's rows, -1 for padding.
@@ -250,10 +273,10 @@ class Evaluator:
     for batch, _ in self._batches():
       sums = self._fn(graphdef, params, sums, *batch,
                       filter_seen=self.filter_seen)
-    full, sampled = jax.device_get(sums)  # scalars: replicated everywhere
+    sums = jax.device_get(sums)  # scalars: replicated everywhere
     n = self.num_users
     result = {}
-    for protocol, values in (("full", full), (self.sampled_name, sampled)):
+    for protocol, values in zip(self._protocols, sums):
       for k, v in values.items():
         result[f"{self.split}/{protocol}/{k}"] = float(v) / n
     return result

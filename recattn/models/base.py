@@ -35,6 +35,28 @@ REL_BIASES = ("none", "position", "alibi", "time", "position+time")
 POSITIONS = ("right", "left", "none")
 
 
+# Relative biases a ranking head allows: candidates all sit at the slot after
+# the history, but a bias computed from key indices would place the j-th
+# candidate j slots further; time buckets depend on timestamps only.
+RANK_HEAD_REL_BIASES = ("none", "time")
+
+
+def check_rank_head(positions: str, rel_bias: str, prefix: str = "") -> None:
+  """Raises ValueError unless `model.rank_head` can score candidates exactly.
+
+  `prefix` goes before each field name ("config." in config errors).
+  """
+  if positions == "right":
+    raise ValueError(
+        f"{prefix}model.rank_head=True needs {prefix}model.positions='left' "
+        "or 'none' (got 'right'): candidates are scored against the "
+        "history's cached keys, which 'right' positions move at every event")
+  if rel_bias not in RANK_HEAD_REL_BIASES:
+    raise ValueError(
+        f"{prefix}model.rank_head=True: {prefix}model.rel_bias={rel_bias!r} "
+        f"is not supported; allowed values are {list(RANK_HEAD_REL_BIASES)}")
+
+
 def uses_time(rel_bias: str) -> bool:
   """Whether `model.rel_bias` needs timestamps in every batch."""
   return "time" in rel_bias
@@ -47,7 +69,7 @@ class SequenceRecommender(nnx.Module):
                dropout: float, l2_norm: bool, pos_init: float = 0.02,
                num_heads: int = 1, rel_bias: str = "none",
                remat: bool = False, positions: str = "right",
-               rngs: nnx.Rngs):
+               rank_head: bool = False, rngs: nnx.Rngs):
     self.dim = dim
     self.num_items = num_items
     # Recompute each block's activations in the backward pass (memory for
@@ -81,6 +103,20 @@ class SequenceRecommender(nnx.Module):
         max_len, dim, embedding_init=nnx.initializers.normal(pos_init),
         rngs=rngs)
     self.dropout = nnx.Dropout(dropout)
+    if rank_head:
+      check_rank_head(positions, rel_bias)
+    # Target-aware ranking head (`recattn.serving.incremental.score_targets`):
+    # a candidate item is run through the blocks after the history, seeing
+    # the history and itself; this maps its output to one logit.
+    self.rank_head = nnx.Linear(dim, 1, rngs=rngs) if rank_head else None
+
+  def target_logits(self, x: jax.Array) -> jax.Array:
+    """`[..., T]` ranking logits of candidate tokens' last-block outputs."""
+    if self.rank_head is None:
+      raise ValueError("this model has no ranking head: train it with "
+                       "config.model.rank_head=True (and loss.rank_weight "
+                       "> 0) to score candidate lists")
+    return self.rank_head(self.output(x))[..., 0]
 
   def _normalize(self, x):
     if not self.l2_norm:
@@ -130,6 +166,7 @@ class SequenceRecommender(nnx.Module):
         rel_bias=get("rel_bias", "none"),
         remat=get("remat", False),
         positions=get("positions", "right"),
+        rank_head=get("rank_head", False),
     )
 
   def attention_bias(self, times: jax.Array | None = None):

@@ -82,12 +82,13 @@ class HSTU(base.SequenceRecommender):
       rel_bias: str = "position",
       remat: bool = False,
       positions: str = "right",
+      rank_head: bool = False,
       rngs: nnx.Rngs,
   ):
     super().__init__(num_items=num_items, max_len=max_len, dim=dim,
                      dropout=dropout, l2_norm=l2_norm, num_heads=num_heads,
                      rel_bias=rel_bias, remat=remat,
-                     positions=positions, rngs=rngs)
+                     positions=positions, rank_head=rank_head, rngs=rngs)
     qk_dim = qk_dim or dim // num_heads
     v_dim = v_dim or dim // num_heads
     self.blocks = nnx.List([

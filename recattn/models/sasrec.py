@@ -134,12 +134,13 @@ class SASRec(base.SequenceRecommender):
       rel_bias: str = "none",
       remat: bool = False,
       positions: str = "right",
+      rank_head: bool = False,
       rngs: nnx.Rngs,
   ):
     super().__init__(num_items=num_items, max_len=max_len, dim=dim,
                      dropout=dropout, l2_norm=l2_norm, pos_init=pos_init,
                      num_heads=num_heads, rel_bias=rel_bias, remat=remat,
-                     positions=positions, rngs=rngs)
+                     positions=positions, rank_head=rank_head, rngs=rngs)
     self.blocks = nnx.List([
         Block(dim, num_heads, ffn_dim, dropout, attention, norm, rngs=rngs,
               kv_raw=kv_raw, attn_config=attn_config)

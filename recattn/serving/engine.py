@@ -45,6 +45,7 @@ def _bucket(n: int) -> int:
 
 
 SCORINGS = ("exact", "int8")
+MAX_CANDIDATES = 1024  # per user and `Engine.score` call
 
 
 def scoring_table(vectors: jax.Array, scoring: str = "exact") -> dict:
@@ -152,9 +153,14 @@ class Engine:
                cache_keys: tuple[str, ...], max_len: int, cached: bool,
                why_not_cached: str, uses_time: bool,
                original_item_ids: np.ndarray, popular: np.ndarray,
-               info: dict):
+               info: dict, score_fn: Callable | None = None,
+               why_no_score: str = "the model has no ranking head"):
     self.encode_fn, self.append_fn, self.top_k_fn = (encode_fn, append_fn,
                                                      top_k_fn)
+    # `incremental.score_targets` (params, cache, items, times, candidates)
+    # -> logits, for models with a ranking head; else None and why not.
+    self.score_fn = score_fn
+    self.why_no_score = "" if score_fn is not None else why_no_score
     self.params, self.table = params, table
     self.scoring = "int8" if "q" in table else "exact"
     self.spec = {k: (tuple(shape), str(dtype)) for k, (shape, dtype) in
@@ -208,7 +214,10 @@ class Engine:
     spec.update(cache_spec)
     engine = cls(
         encode_fn=jax.jit(encode_fn), append_fn=jax.jit(append_fn),
-        top_k_fn=jax.jit(top_k, static_argnums=3), params=params,
+        # A closure per engine: its compiled shapes are its own (a jit of
+        # the module-level function would share them across engines).
+        top_k_fn=jax.jit(lambda *a: top_k(*a), static_argnums=3),
+        params=params,
         table=table, spec=spec, cache_keys=tuple(cache_spec),
         max_len=max_len, cached=cached,
         why_not_cached="" if cached else (why or "cache='none'"),
@@ -218,6 +227,18 @@ class Engine:
                  else popular), info=info or {})
     engine._model = (graphdef, params)
     uses_time = engine.uses_time
+    try:
+      incremental.check_targets(model)
+      if not ok:
+        raise ValueError(why)
+    except ValueError as e:
+      engine.why_no_score = str(e)
+    else:
+      def score_fn(params, cache, items, times, candidates):
+        return incremental.score_targets(nnx.merge(graphdef, params), cache,
+                                         items, times, candidates)
+      engine.score_fn = jax.jit(score_fn)
+      engine.why_no_score = ""
 
     def full_fn(params, items, times):
       model = nnx.merge(graphdef, params)
@@ -266,6 +287,8 @@ class Engine:
             "cached": self.cached, "why_not_cached": self.why_not_cached,
             "uses_time": self.uses_time, "max_seen": self.max_seen,
             "scoring": self.scoring,
+            "candidate_scoring": self.score_fn is not None,
+            "why_no_candidate_scoring": self.why_no_score,
             "state_bytes": self.state_bytes()}
 
   def state_bytes(self) -> int:
@@ -374,6 +397,50 @@ class Engine:
       scores[i] = np.nan
     return ids, scores
 
+  def score(self, states, candidates) -> list[np.ndarray]:
+    """Target-aware logits of each user's candidate list (M-FALCON).
+
+    Each candidate is scored by the model's ranking head after the user's
+    history, seeing the history and itself but no other candidate
+    (`incremental.score_targets`): the same logit it would get alone, for
+    all of a user's candidates in one pass over the cached keys.
+
+    Args:
+      states: list of user states.
+      candidates: one sequence of internal item ids (1..num_items) per
+        user, at most `MAX_CANDIDATES` each.
+
+    Returns:
+      One float32 array of logits per user, in the candidates' order.
+    """
+    if self.score_fn is None:
+      raise ValueError(f"this engine cannot score candidate lists: "
+                       f"{self.why_no_score}")
+    n = len(states)
+    lists = [np.asarray(c, np.int64).reshape(-1) for c in candidates]
+    if len(lists) != n:
+      raise ValueError(f"{len(lists)} candidate lists for {n} users")
+    for c in lists:
+      if not 1 <= len(c) <= MAX_CANDIDATES:
+        raise ValueError(f"each user needs 1..{MAX_CANDIDATES} candidates, "
+                         f"got {len(c)}")
+      if np.any((c < 1) | (c > self.num_items)):
+        raise ValueError(f"item ids must be in 1..{self.num_items}")
+    m = _bucket(n)
+    width = max(16, _bucket(max(len(c) for c in lists)))
+    cand = np.ones((m, width), np.int32)
+    for i, c in enumerate(lists):
+      cand[i, :len(c)] = c
+    batch = self._stack(states, ("items", "times") + self.cache_keys, m)
+    if self.cached:
+      cache = {k: batch[k] for k in self.cache_keys}
+    else:  # states hold no cache: make it from the windows
+      _, cache = self.encode_fn(self.params, batch["items"], batch["times"])
+    logits = np.asarray(jax.device_get(self.score_fn(
+        self.params, cache, batch["items"], batch["times"], cand)))
+    return [np.array(logits[i, :len(c)], np.float32)
+            for i, c in enumerate(lists)]
+
   def warmup(self, max_batch: int, k: int = 10) -> float:
     """Compiles every batch shape up to `max_batch` users; returns seconds.
 
@@ -388,7 +455,10 @@ class Engine:
       full = [dict(s, items=np.ones_like(s["items"])) for s in fresh]
       for states in ((fresh, full) if self.cached else (fresh,)):
         self.observe(states, np.ones(m, np.int32), np.zeros(m, np.int64))
-      self.recommend(self.observe(fresh, np.ones(m, np.int32)), k)
+      warm = self.observe(fresh, np.ones(m, np.int32))
+      self.recommend(warm, k)
+      if self.score_fn is not None:  # the smallest candidate width
+        self.score(warm, [[1]] * m)
       if m >= max_batch:
         break
       m *= 2

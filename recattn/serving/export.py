@@ -11,6 +11,10 @@ writes
   top_k_<K>.bin              top-K over the catalogue for K in `K_BUCKETS`
                              (up to num_items); `Engine` asks for the
                              smallest K >= k and cuts
+  score_<T>.bin              target-aware logits of T candidates per user
+                             (`incremental.score_targets`) for T in
+                             `SCORE_BUCKETS`; only for models with a
+                             ranking head
   params.npz                 the parameters as the flat leaf list p0..pN
   table.npz                  output item vectors `[V + 1, D]` (+ the int8
                              copy and scales with `--scoring=int8`)
@@ -36,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 K_BUCKETS = (16, 128, 1024)
+SCORE_BUCKETS = (16, 128, 1024)  # the last = engine.MAX_CANDIDATES
 FORMAT = 1
 
 
@@ -80,6 +85,16 @@ def export(engine, out: str, platforms: tuple[str, ...] | None = None) -> dict:
     artefacts["append"] = jax.export.export(jax.jit(append), **kw)(
         leaf_specs, cache, window, window, spec((b,), "int32"),
         spec((b,), "int32"))
+  scores = engine.score_fn is not None and engine.cached
+  why_no_score = engine.why_no_score or (
+      "" if scores else "exported without an incremental cache")
+  if scores:
+    def score(leaves, cache, items, times, candidates):
+      return engine.score_fn(jax.tree.unflatten(treedef, leaves), cache,
+                             items, times, candidates)
+    for t in SCORE_BUCKETS:
+      artefacts[f"score_{t}"] = jax.export.export(jax.jit(score), **kw)(
+          leaf_specs, cache, window, window, spec((b, t), "int32"))
   table = {k: np.asarray(v) for k, v in engine.table.items()}
   ks = [k for k in K_BUCKETS if k < engine.num_items] + [
       min(K_BUCKETS[-1], engine.num_items)]
@@ -103,6 +118,8 @@ def export(engine, out: str, platforms: tuple[str, ...] | None = None) -> dict:
       "why_not_cached": engine.why_not_cached,
       "uses_time": engine.uses_time, "num_leaves": len(leaves),
       "top_k": sorted(set(ks)),
+      "score": list(SCORE_BUCKETS) if scores else [],
+      "why_no_score": why_no_score,
       "platforms": list(artefacts["encode"].platforms),
       "info": engine.info, "jax": jax.__version__,
   }
@@ -146,6 +163,16 @@ def load(directory: str, engine_cls):
     ids, scores = top[bucket].call(table, h, seen)
     return ids[:, :k], scores[:, :k]
 
+  scorers = {t: read(f"score_{t}") for t in meta.get("score", [])}
+
+  def score_fn(leaves, cache, items, times, candidates):
+    t = candidates.shape[1]
+    bucket = min(b for b in scorers if b >= t)
+    pad = np.ones((candidates.shape[0], bucket - t), np.int32)
+    logits = scorers[bucket].call(leaves, cache, items, times,
+                                  np.concatenate([candidates, pad], 1))
+    return logits[:, :t]
+
   info = dict(meta["info"], exported_from=os.path.abspath(directory))
   return engine_cls(
       encode_fn=encode.call, append_fn=append and append.call,
@@ -155,7 +182,9 @@ def load(directory: str, engine_cls):
       cache_keys=tuple(meta["cache_keys"]), max_len=meta["max_len"],
       cached=meta["cached"], why_not_cached=meta["why_not_cached"],
       uses_time=meta["uses_time"], original_item_ids=original,
-      popular=popular, info=info)
+      popular=popular, info=info,
+      score_fn=score_fn if scorers else None,
+      why_no_score=meta.get("why_no_score", "not exported"))
 
 
 def _define_flags():

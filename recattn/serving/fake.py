@@ -9,7 +9,9 @@ check them exactly:
   last), their timestamps and the event count;
 * scores: with `l` the newest item (0 for a fresh user), item `j` scores
   `1 - ((j - l - 1) mod N) / N`, so the ranking is l+1, l+2, ... (wrapping
-  after N); `exclude_seen` gives the items in the window -inf.
+  after N); `exclude_seen` gives the items in the window -inf;
+* candidate scores (`score`): the same scores of the given items, seen or
+  not.
 
 Original ids are `1000 + 7 * i` for i = 0..N-1, permuted with `seed`, so
 they are neither sorted nor equal to the internal ids.
@@ -101,6 +103,14 @@ class FakeEngine:
     return ((order + 1).astype(np.int32),
             np.take_along_axis(scores, order, axis=1))
 
+  def score(self, states, candidates):
+    self._record("score", len(states))
+    out = []
+    for s, c in zip(states, candidates):
+      dist = (np.asarray(c, np.int64) - int(s["items"][-1]) - 1) % self.num_items
+      out.append((1.0 - dist / self.num_items).astype(np.float32))
+    return out
+
   def warmup(self, max_batch: int, k: int = 10) -> float:
     del max_batch, k  # nothing to compile
     return 0.0
@@ -108,4 +118,5 @@ class FakeEngine:
   def describe(self) -> dict:
     return {"model": "fake", "variant": "next_item", "max_len": self.max_len,
             "num_items": self.num_items, "workdir": None, "commit": None,
+            "candidate_scoring": True,
             "state_bytes": sum(v.nbytes for v in self.new_state().values())}

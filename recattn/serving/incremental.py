@@ -60,6 +60,32 @@ def _variant_of(core) -> str:
   raise ValueError(f"unknown attention core {type(core).__name__}")
 
 
+def _padded_normalizer(core) -> bool:
+  fn = getattr(core, "fn", None)
+  return (_variant_of(core) == "hstu" and
+          getattr(fn, "keywords", {}).get("normalizer", "padded") == "padded")
+
+
+# Variants whose candidate outputs `score_targets` computes exactly: `local`
+# would count its window from each candidate's slot in the key layout, and
+# `low_rank` cannot mask candidates from each other.
+TARGET_VARIANTS_UNSUPPORTED = ("local", "low_rank")
+
+
+def check_targets(model) -> None:
+  """Raises ValueError unless `score_targets` supports `model`."""
+  if model.rank_head is None:
+    model.target_logits(None)  # raises: no ranking head
+  for block in model.blocks:
+    for _, _, core in _cores(block):
+      name = _variant_of(core)
+      if name in TARGET_VARIANTS_UNSUPPORTED:
+        raise ValueError(
+            f"model.attention={name!r} cannot score candidate lists "
+            f"(model.rank_head); unsupported: "
+            f"{list(TARGET_VARIANTS_UNSUPPORTED)}")
+
+
 def _cores(block) -> list[tuple[object, str, object]]:
   """`(parent, attribute, core)` of every attention core inside `block`."""
   types = _core_types()
@@ -97,6 +123,8 @@ class _KVCore:
   mode "append": `k`, `v` hold the window before the event; the new
   position's k/v are appended (the oldest slot, empty while the window
   fills, is dropped) and the new query attends over the whole window.
+  mode "targets": `k`, `v` hold the history; the candidates' k/v follow
+  it (nothing dropped) and the mask (`num_targets`) keeps candidates apart.
   """
 
   def __init__(self, inner, mode: str, k=None, v=None):
@@ -106,6 +134,16 @@ class _KVCore:
     if self.mode == "append":
       k = jnp.concatenate([self.k[:, k.shape[1]:], k], axis=1)
       v = jnp.concatenate([self.v[:, v.shape[1]:], v], axis=1)
+    elif self.mode == "targets":
+      width = self.k.shape[1]
+      k = jnp.concatenate([self.k.astype(k.dtype), k], axis=1)
+      v = jnp.concatenate([self.v.astype(v.dtype), v], axis=1)
+      out, weights = self.inner(q, k, v, mask, bias, **kwargs)
+      if _padded_normalizer(self.inner):
+        # HSTU's "padded" normaliser divides by the key count: the window's
+        # W, not the W + T keys laid out here for T candidates.
+        out = out * ((width + q.shape[1]) / width)
+      return out, weights
     self.k, self.v = k, v
     return self.inner(q, k, v, mask, bias, **kwargs)
 
@@ -122,6 +160,19 @@ class _LinearCore:
 
   def __call__(self, q, k, v, mask, bias=None, **kwargs):
     fk = linear_lib.feature_map(k, self.feature)
+    if self.mode == "targets":
+      # Each candidate sees the history's sums and its own key only.
+      fq = linear_lib.feature_map(q, self.feature)  # [B, T, H, F]
+      v32 = v.astype(jnp.float32)
+      num = (jnp.einsum("blhf,bhfd->blhd", fq, self.s)
+             + jnp.sum(fq * fk, -1)[..., None] * v32)
+      if self.feature == "elu":
+        den = (jnp.einsum("blhf,bhf->blh", fq, self.z)
+               + jnp.sum(fq * fk, -1))[..., None]
+        out = num / jnp.where(den > 0, den, 1.0)
+      else:
+        out = num / jnp.sqrt(jnp.asarray(q.shape[-1], jnp.float32))
+      return out.astype(q.dtype), None
     if self.mode == "record":
       # Keys the window's newest query sees (left padding is invalid).
       if mask.key_valid is not None:
@@ -147,23 +198,32 @@ class _LinearCore:
     return {"s": self.s, "z": self.z}
 
 
-def _wrap(model, mode: str, cache: dict | None):
-  """Swaps every block's core for a caching one; returns the wrappers."""
+def _wrap(model, mode: str, cache: dict | None, kv_only: bool = False):
+  """Swaps every block's core for a caching one; returns the wrappers.
+
+  `kv_only`: record keys and values for `linear` too (training's candidate
+  pass sums them over each row's own history, `_linear_sums`).
+  """
   wrappers = []
   for i, block in enumerate(model.blocks):
     (parent, name, core), = _cores(block)
     mine = {} if cache is None else {
         key.split(".", 1)[1]: value for key, value in cache.items()
         if key.startswith(f"b{i}.")}
-    cls = _LinearCore if _variant_of(core) == "linear" else _KVCore
-    wrapper = cls(core, mode, **mine)
+    linear = _variant_of(core) == "linear" and not kv_only
+    wrapper = (_LinearCore if linear else _KVCore)(core, mode, **mine)
     setattr(parent, name, wrapper)
-    wrappers.append(wrapper)
+    wrappers.append((parent, name, wrapper))
   return wrappers
 
 
+def _unwrap(wrappers) -> None:
+  for parent, name, wrapper in wrappers:
+    setattr(parent, name, wrapper.inner)
+
+
 def _collect(wrappers) -> dict:
-  return {f"b{i}.{key}": value for i, w in enumerate(wrappers)
+  return {f"b{i}.{key}": value for i, (_, _, w) in enumerate(wrappers)
           for key, value in w.state().items()}
 
 
@@ -184,13 +244,15 @@ def encode_window(model, items: jax.Array, times: jax.Array | None):
 
   Args:
     model: the (merged) model; its attention cores are swapped for
-      recording ones, so pass a throwaway copy (inside a jitted function a
-      fresh `nnx.merge` is one).
+      recording ones for the call (and put back after it).
     items: `[B, W]` left-padded item ids (W = max_len).
     times: `[B, W]` int32 seconds aligned with `items`, or None.
   """
   wrappers = _wrap(model, "record", None)
-  h = model.encode(items, times=_times_or_none(model, times))
+  try:
+    h = model.encode(items, times=_times_or_none(model, times))
+  finally:
+    _unwrap(wrappers)
   return h[:, -1], _collect(wrappers)
 
 
@@ -226,7 +288,100 @@ def append(model, cache: dict, items: jax.Array, times: jax.Array | None,
   mask = attention.Mask(causal=True, key_valid=valid)
   bias = model.attention_bias(_times_or_none(model, times))
   wrappers = _wrap(model, "append", cache)
-  for block in model.blocks:
-    x, _ = block(x, mask, bias, rngs=None)
+  try:
+    for block in model.blocks:
+      x, _ = block(x, mask, bias, rngs=None)
+  finally:
+    _unwrap(wrappers)
   h = model.output(x)[:, 0]
   return h, _collect(wrappers), items, times
+
+
+def encode_recording(model, items: jax.Array, times: jax.Array | None, *,
+                     rngs=None):
+  """`model.encode` that also returns every block's keys and values.
+
+  For training's candidate pass: `(h [B, W, D], cache)`, the cache holding
+  k/v for every variant (`linear` too), so that `score_targets(..., cut=)`
+  can take each row's history up to its own cut. The model's cores are
+  restored afterwards.
+  """
+  wrappers = _wrap(model, "record", None, kv_only=True)
+  try:
+    h = model.encode(items, times=_times_or_none(model, times), rngs=rngs)
+  finally:
+    _unwrap(wrappers)
+  return h, _collect(wrappers)
+
+
+def _linear_sums(model, cache: dict, visible: jax.Array) -> dict:
+  """`linear` blocks' cached k/v -> the sums S, z over `visible` keys."""
+  out = dict(cache)
+  for i, block in enumerate(model.blocks):
+    (_, _, core), = _cores(block)
+    if _variant_of(core) != "linear" or f"b{i}.k" not in cache:
+      continue
+    feature = core.fn.keywords.get("feature", "elu")
+    fk = linear_lib.feature_map(out.pop(f"b{i}.k"), feature)
+    fk = fk * visible[:, :, None, None]
+    v32 = out.pop(f"b{i}.v").astype(jnp.float32)
+    out[f"b{i}.s"] = jnp.einsum("blhf,blhd->bhfd", fk, v32)
+    out[f"b{i}.z"] = jnp.sum(fk, axis=1)
+  return out
+
+
+def score_targets(model, cache: dict, items: jax.Array,
+                  times: jax.Array | None, candidates: jax.Array, *,
+                  cut: jax.Array | None = None, rngs=None) -> jax.Array:
+  """Target-aware logits `[B, T]` of T candidates per user, in one pass.
+
+  M-FALCON's layout (generative-recommenders' HSTU): the candidates follow
+  the history as T extra tokens that all take the slot after the history
+  (position, timestamp of the newest history item); each sees the history
+  and itself, never another candidate (`attention.Mask(num_targets=T)`).
+  Attending to the cached keys and values, T candidates cost T positions'
+  forward pass, and each gets exactly the logit it would get scored alone
+  after the same history. The model's ranking head
+  (`config.model.rank_head`) maps a candidate's output to its logit.
+
+  Args:
+    model: throwaway merged model (see `encode_window`) with a rank head.
+    cache: `encode_window`'s / `append`'s cache for `items`, or
+      `encode_recording`'s (keys and values for every variant).
+    items: `[B, W]` the windows the cache was made from.
+    times: `[B, W]` int32, or None.
+    candidates: `[B, T]` item ids (> 0).
+    cut: `[B]` int, optional: each row's history is `items[:, :cut + 1]`
+      (training scores the next item of a random position; the keys of a
+      causal window's prefix are the prefix's own, with `positions` left or
+      none). None: the whole window.
+    rngs: dropout rngs (training), or None.
+  """
+  check_targets(model)
+  b, w = items.shape
+  t = candidates.shape[1]
+  visible = items > 0
+  if cut is not None:
+    visible = visible & (jnp.arange(w)[None] <= cut[:, None])
+  # The slot after the history; a full window's candidates share the last
+  # slot with its newest item (the position table has W rows).
+  slot = jnp.minimum(jnp.sum(visible, axis=1), w - 1)
+  x = model.embed_at(candidates, jnp.broadcast_to(slot[:, None], (b, t)))
+  x = model.dropout(x, rngs=rngs, deterministic=rngs is None)
+  mask = attention.Mask(
+      causal=True, num_targets=t,
+      key_valid=jnp.concatenate([visible, jnp.ones((b, t), bool)], axis=1))
+  bias = None
+  if base.uses_time(model.rel_bias):
+    last = w - 1 if cut is None else cut
+    now = jnp.take_along_axis(
+        times, jnp.broadcast_to(jnp.asarray(last), (b,))[:, None], axis=1)
+    bias = model.attention_bias(jnp.concatenate(
+        [times, jnp.broadcast_to(now, (b, t))], axis=1))
+  wrappers = _wrap(model, "targets", _linear_sums(model, cache, visible))
+  try:
+    for block in model.blocks:
+      x, _ = block(x, mask, bias, rngs=rngs)
+  finally:
+    _unwrap(wrappers)
+  return model.target_logits(x)

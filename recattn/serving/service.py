@@ -20,6 +20,11 @@ Endpoints:
   GET  /v1/recommendations?user_id=..&k=10&exclude_seen=true
       -> {"user_id", "items": [original ids], "scores" (NaN: null),
           "cold_start": no state held for this user}
+  POST /v1/score {"user_id": str, "item_ids": [int, ...]}
+      -> {"user_id", "items": the ids as sent, "scores": target-aware
+          logits of the model's ranking head (each candidate seen after the
+          user's history, not next to the other candidates), "cold_start"};
+          501 when the model has no ranking head
   GET  /healthz -> {"status": "ok", **engine.describe(), ...}
   GET  /metrics[?format=prometheus]
   POST /v1/snapshot -> {"path", "users", "bytes", ...}: writes the
@@ -481,13 +486,14 @@ def prometheus_text(summary: dict) -> str:
 @dataclasses.dataclass
 class _Pending:
   """One queued request."""
-  kind: str  # "observe" | "recommend"
+  kind: str  # "observe" | "recommend" | "score"
   user_id: str
   future: concurrent.futures.Future
   item: int = 0  # internal id
   time: int = 0
   k: int = 0
   exclude_seen: bool = True
+  candidates: tuple = ()  # "score": (internal ids, original ids)
 
 
 _STOP = object()
@@ -551,6 +557,8 @@ class Service:
       raise ValueError(f"engine.original_item_ids has duplicates, e.g. "
                        f"{int(self._sorted[dup[0]])}")
     self._fresh = engine.new_state()
+    self.max_candidates = int(getattr(engine, "MAX_CANDIDATES", 1024))
+    self.candidate_scoring = bool(self.description.get("candidate_scoring"))
     fingerprint = {
         "num_items": self.num_items, "max_len": self.max_len,
         "catalogue_sha256": hashlib.sha256(self._original.tobytes())
@@ -618,6 +626,38 @@ class Service:
     return self._submit(_Pending("recommend", user_id,
                                  concurrent.futures.Future(), k=k,
                                  exclude_seen=exclude_seen))
+
+  def submit_score(self, user_id, item_ids):
+    """Validates a candidate list and queues its scoring (a future)."""
+    user_id = check_user_id(user_id)
+    if not self.candidate_scoring:
+      why = self.description.get("why_no_candidate_scoring") or "unsupported"
+      raise RequestError(501, f"this model cannot score candidate lists: "
+                         f"{why}")
+    if not isinstance(item_ids, list) or not item_ids:
+      raise RequestError(400, "item_ids must be a non-empty list of original "
+                         f"item ids, got {_type_name(item_ids)}")
+    if len(item_ids) > self.max_candidates:
+      raise RequestError(400, f"item_ids holds {len(item_ids)} ids; at most "
+                         f"{self.max_candidates} per request")
+    internal = []
+    for i, item_id in enumerate(item_ids):
+      if not _is_int(item_id):
+        raise RequestError(400, f"item_ids[{i}] must be an integer (an "
+                           "original item id of the catalogue), got "
+                           f"{_type_name(item_id)}")
+      item = self.internal_id(item_id)
+      if item is None:
+        raise RequestError(400, f"item_ids[{i}] = {item_id} is not in the "
+                           f"catalogue ({self.num_items} items)")
+      internal.append(item)
+    return self._submit(_Pending(
+        "score", user_id, concurrent.futures.Future(),
+        candidates=(tuple(internal), tuple(int(x) for x in item_ids))))
+
+  def score(self, user_id, item_ids) -> dict:
+    """Target-aware scores: {"user_id", "items", "scores", "cold_start"}."""
+    return self._wait(self.submit_score(user_id, item_ids))
 
   def observe(self, user_id, item_id, timestamp=None) -> dict:
     """Appends an event; {"user_id", "events": the user's count}."""
@@ -731,6 +771,7 @@ class Service:
         with self._apply_lock:
           self._apply_observes([p for p in batch if p.kind == "observe"])
           self._apply_recommends([p for p in batch if p.kind == "recommend"])
+          self._apply_scores([p for p in batch if p.kind == "score"])
       except Exception as e:  # pylint: disable=broad-except
         logging.exception("Worker failed on a batch")
         for p in batch:
@@ -831,6 +872,34 @@ class Service:
             "cold_start": cold[i]})
 
 
+  def _apply_scores(self, requests: list[_Pending]):
+    if not requests:
+      return
+    states, cold = [], []
+    for p in requests:
+      entry = self.store.get(p.user_id)
+      states.append(self._fresh if entry is None else entry[0])
+      cold.append(entry is None)
+    try:
+      start = time.perf_counter()
+      scores = self.engine.score(states, [p.candidates[0] for p in requests])
+      self.metrics.record_engine("score", time.perf_counter() - start)
+      if len(scores) != len(requests) or any(
+          np.shape(x) != (len(p.candidates[0]),)
+          for x, p in zip(scores, requests)):
+        raise ValueError(f"returned {len(scores)} score lists of shapes "
+                         f"{[np.shape(x) for x in scores][:4]} for "
+                         f"{len(requests)} requests")
+    except Exception as e:  # pylint: disable=broad-except
+      self._engine_failed("score", requests, e)
+      return
+    for p, x, c in zip(requests, scores, cold):
+      p.future.set_result({
+          "user_id": p.user_id, "items": list(p.candidates[1]),
+          "scores": [float(v) for v in np.asarray(x, np.float32)],
+          "cold_start": c})
+
+
 # ---------------------------------------------------------------------------
 # HTTP.
 
@@ -846,6 +915,7 @@ _ROUTES = {
     "/v1/events": _Route("POST", "_events", "required"),
     "/v1/recommendations": _Route("GET", "_recommendations", "none"),
     "/v1/snapshot": _Route("POST", "_snapshot", "optional"),
+    "/v1/score": _Route("POST", "_score", "required"),
     "/healthz": _Route("GET", "_healthz", "none"),
     "/metrics": _Route("GET", "_metrics", "none"),
 }
@@ -1056,6 +1126,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         raise RequestError(400, f"missing field {field!r}")
     return self.service.observe(obj["user_id"], obj["item_id"],
                                 obj.get("timestamp"))
+
+  def _score(self, query, body):
+    del query
+    obj = _json_object(body, {"user_id": "string",
+                              "item_ids": "list of integer original item ids"})
+    for field in ("user_id", "item_ids"):
+      if field not in obj:
+        raise RequestError(400, f"missing field {field!r}")
+    return self.service.score(obj["user_id"], obj["item_ids"])
 
   def _recommendations(self, query, body):
     del body
