@@ -1,5 +1,6 @@
 """Incremental serving state equals a full forward pass (recattn.serving)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -215,3 +216,29 @@ def test_warmup_compiles_every_batch_shape_a_service_uses():
   states = engine.observe([engine.new_state() for _ in range(3)], [1, 2, 3])
   engine.recommend(states, 5)
   assert engine.append_fn._cache_size() == 3  # nothing new compiled
+
+
+@pytest.mark.parametrize("v,k,block", [(1000, 10, 8), (1000, 128, 7),
+                                       (50, 16, 8), (4096, 5, 128)])
+def test_block_top_k_equals_lax_top_k(v, k, block):
+  rng = np.random.default_rng(v + k)
+  scores = rng.standard_normal((3, v)).astype(np.float32)
+  scores[0, rng.integers(0, v, v // 2)] = -np.inf  # excluded items
+  scores[1, :] = np.round(scores[1], 1)  # many ties
+  scores[2, : v // 3] = 5.0  # the best all in the first blocks
+  want_values, want_ids = jax.lax.top_k(jnp.asarray(scores), k)
+  values, ids = engine_lib.block_top_k(jnp.asarray(scores), k, block)
+  np.testing.assert_array_equal(values, want_values)
+  # Ids: each returned id carries its returned value, no id twice.
+  np.testing.assert_array_equal(
+      np.take_along_axis(scores, np.asarray(ids), 1), values)
+  assert all(len(set(row)) == k for row in np.asarray(ids).tolist())
+
+
+def test_block_top_k_with_fewer_finite_scores_than_k():
+  scores = np.full((1, 1003), -np.inf, np.float32)
+  scores[0, [5, 700, 1002]] = [1.0, 3.0, 2.0]
+  values, ids = engine_lib.block_top_k(jnp.asarray(scores), 10, 8)
+  np.testing.assert_array_equal(np.asarray(ids)[0, :3], [700, 1002, 5])
+  assert np.isneginf(np.asarray(values)[0, 3:]).all()
+  assert 0 <= int(np.min(ids)) and int(np.max(ids)) < 1003
