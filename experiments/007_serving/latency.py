@@ -16,7 +16,8 @@ not depend on their values). Regimes:
 and the catalogue scan `exact` (float32) or `int8` (int8 scan + float32
 re-score of the best 200). Timings are wall clock per event (observe +
 recommend, results on the host), after warm-up; the JSON holds every
-percentile and the split between the two calls.
+percentile and the split between the two calls. `--repeats` runs every row
+again: on this shared machine p99 drifts by a few ms from minute to minute.
 
   python experiments/007_serving/latency.py \
       --out=experiments/007_serving/latency_cpu.json
@@ -49,6 +50,8 @@ flags.DEFINE_integer("warmup", 50, "untimed events first")
 flags.DEFINE_list("regimes", ["filling", "full", "nocache"], "regimes")
 flags.DEFINE_list("scorings", ["exact", "int8"], "catalogue scans")
 flags.DEFINE_string("attention", "scaled_dot", "attention variant")
+flags.DEFINE_integer("repeats", 1, "runs of every row, one after another "
+                     "(this machine's latency drifts by +-30% over minutes)")
 flags.DEFINE_string("out", "", "results JSON ('' = print only)")
 
 
@@ -105,16 +108,17 @@ def main(argv):
   results = []
   for scoring in FLAGS.scorings:
     engines = {}
-    for regime in FLAGS.regimes:
-      cache = "none" if regime == "nocache" else "kv"
-      if cache not in engines:
-        engines[cache] = engine_lib.Engine.from_model(
-            model, max_len=FLAGS.max_len, original_item_ids=ids,
-            cache=cache, scoring=scoring)
-      row = {"regime": regime, "scoring": scoring,
-             **run(engines[cache], regime, np.random.default_rng(0))}
-      print(json.dumps(row), flush=True)
-      results.append(row)
+    for repeat in range(FLAGS.repeats):
+      for regime in FLAGS.regimes:
+        cache = "none" if regime == "nocache" else "kv"
+        if cache not in engines:
+          engines[cache] = engine_lib.Engine.from_model(
+              model, max_len=FLAGS.max_len, original_item_ids=ids,
+              cache=cache, scoring=scoring)
+        row = {"regime": regime, "scoring": scoring, "repeat": repeat,
+               **run(engines[cache], regime, np.random.default_rng(repeat))}
+        print(json.dumps(row), flush=True)
+        results.append(row)
   # How often the int8 scan returns the exact top-k (random weights and
   # histories: a sanity check, not a property of a trained model).
   recall = None
