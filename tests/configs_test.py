@@ -10,7 +10,9 @@ from recattn import models
 
 CONFIGS = [("sasrec_ml1m", None), ("sasrec_ml1m", "paper"),
            ("sasrec_beauty", None), ("hstu_ml1m", None),
-           ("hstu_ml1m", "large"), ("test", None)]
+           ("hstu_ml1m", "large"), ("test", None), ("sasrec_ml100k", "stream"),
+           ("sasrec_stream", "ml-1m-partial"),
+           ("sasrec_stream", "synthetic,ranker")]
 
 
 @pytest.mark.parametrize("name,arg", CONFIGS)
