@@ -16,6 +16,13 @@ candidates); events of users with no history get the popularity list
 (counted apart as cold). Consecutive events of distinct users are
 processed as one batch, which gives exactly the sequential result.
 
+Re-ranking. `--rerank=N` (models trained with `model.rank_head`) also
+re-orders each event's top-N by the ranking head's target-aware scores
+(`Engine.score`: each candidate after the user's history, M-FALCON), as a
+two-stage recommender would; metrics `stream/rerank<N>/...` for K <= N
+count the target's place in the re-ordered list (a target outside the
+top-N stays a miss).
+
 Model updates. `--finetune_every=0` keeps the model frozen. N > 0 takes
 `--finetune_steps` optimizer steps on the windows of the users seen in the
 last N events (their histories up to now, the training loss and
@@ -117,9 +124,9 @@ class _FineTuner:
 
 def replay(engine, ds, events: dataset_lib.StreamEvents, *, ks=(10, 50),
            exclude_seen: bool = True, batch: int = 256,
-           finetune_every: int = 0, finetuner=None) -> dict:
+           finetune_every: int = 0, finetuner=None, rerank: int = 0) -> dict:
   """Runs the protocol of the module docstring; returns the metrics."""
-  k_max = max(ks)
+  k_max = max(max(ks), rerank)
   n = len(events.items)
   first = np.full(ds.num_users, np.iinfo(np.int64).max)
   np.minimum.at(first, events.users, events.index)
@@ -131,6 +138,7 @@ def replay(engine, ds, events: dataset_lib.StreamEvents, *, ks=(10, 50),
            for u in range(ds.num_users)]
   states = engine.start(histories, times)
   rank = np.full(n, -1, np.int64)
+  reranked = np.full(n, -1, np.int64)
   cold = np.zeros(n, bool)
   t0 = time.time()
   since_update, recent = 0, set()
@@ -141,6 +149,12 @@ def replay(engine, ds, events: dataset_lib.StreamEvents, *, ks=(10, 50),
     ids, _ = engine.recommend(mine, k_max, exclude_seen=exclude_seen)
     hit = ids == events.items[lo:hi, None]
     rank[lo:hi] = np.where(hit.any(1), hit.argmax(1), -1)
+    if rerank:
+      top = ids[:, :rerank]
+      scores = np.stack(engine.score(mine, list(top)))
+      order = np.argsort(-scores, axis=1, kind="stable")
+      hit = np.take_along_axis(top, order, 1) == events.items[lo:hi, None]
+      reranked[lo:hi] = np.where(hit.any(1), hit.argmax(1), -1)
     new = engine.observe(mine, events.items[lo:hi], events.times[lo:hi])
     for u, s, item, t in zip(users, new, events.items[lo:hi],
                              events.times[lo:hi]):
@@ -163,6 +177,12 @@ def replay(engine, ds, events: dataset_lib.StreamEvents, *, ks=(10, 50),
     out[f"stream/full/hr@{k}"] = float(inside.mean())
     out[f"stream/full/ndcg@{k}"] = float(np.where(inside, _ndcg(rank),
                                                   0).mean())
+    if k <= rerank:
+      inside = (reranked >= 0) & (reranked < k)
+      out[f"stream/rerank{rerank}/hr@{k}"] = float(inside.mean())
+      out[f"stream/rerank{rerank}/ndcg@{k}"] = float(
+          np.where(inside, _ndcg(reranked), 0).mean())
+      inside = (rank >= 0) & (rank < k)
     warm = ~cold
     if warm.any():
       out[f"stream/full_warm/hr@{k}"] = float(inside[warm].mean())
@@ -174,8 +194,8 @@ def replay(engine, ds, events: dataset_lib.StreamEvents, *, ks=(10, 50),
 def _define_flags():
   """Flags of the entry point (defined only when run as a program, so that
   importing this module next to other entry points cannot clash)."""
-  global _WORKDIR, _KS, _FINETUNE_EVERY, _FINETUNE_STEPS, _BATCH, _SCORING, \
-      _OUT
+  global _WORKDIR, _KS, _RERANK, _FINETUNE_EVERY, _FINETUNE_STEPS, _BATCH, \
+      _SCORING, _OUT
   _WORKDIR = flags.DEFINE_string("workdir", None, "A run trained with "
                                  "--config.data.stream_holdout=F.")
   _KS = flags.DEFINE_list("k", ["10", "50"], "Cut-offs K of HR@K / NDCG@K.")
@@ -184,6 +204,9 @@ def _define_flags():
   _FINETUNE_STEPS = flags.DEFINE_integer("finetune_steps", 4,
                                          "Optimizer steps per fine-tune.")
   _BATCH = flags.DEFINE_integer("batch", 256, "Most events per engine call.")
+  _RERANK = flags.DEFINE_integer(
+      "rerank", 0, "Also re-order each event's top-N by the ranking head "
+      "(models trained with model.rank_head); 0 = off.")
   _SCORING = flags.DEFINE_enum("scoring", "exact", ["exact", "int8"],
                                "Catalogue scan (serving.engine).")
   _OUT = flags.DEFINE_string("out", None, "Write the metrics (JSON) here; "
@@ -213,7 +236,8 @@ def main(argv):
                            batching.item_counts(prefix))
   metrics = replay(engine, ds, events, ks=tuple(int(k) for k in _KS.value),
                    exclude_seen=config.eval.filter_seen, batch=_BATCH.value,
-                   finetune_every=_FINETUNE_EVERY.value, finetuner=finetuner)
+                   finetune_every=_FINETUNE_EVERY.value, finetuner=finetuner,
+                   rerank=_RERANK.value)
   metrics.update({"stream/holdout": fraction,
                   "stream/finetune_every": _FINETUNE_EVERY.value,
                   "stream/finetune_steps": (_FINETUNE_STEPS.value if
