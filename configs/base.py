@@ -103,11 +103,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.loss.temperature = 1.0  # logits = <h, e> / temperature
   c.loss.item_chunk = 1024  # softmax_chunked: items per block of the scan
   c.loss.gbce_t = 0.75  # gbce: calibration t in [0, 1] (Petrov & Macdonald)
-  # Weight of the ranking head's loss (model.rank_head): per row, one random
-  # position's next item against `rank_negatives` uniform items, scored
+  # Weight of the ranking head's loss (model.rank_head): per row, `rank_cuts`
+  # random positions' next items against `rank_negatives` uniform items, scored
   # target-aware after that position's history; softmax over the list.
   c.loss.rank_weight = 0.0
   c.loss.rank_negatives = 16
+  c.loss.rank_cuts = 4  # positions per row scored each step (rank_weight > 0)
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = "adam"  # adam | adamw

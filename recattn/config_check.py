@@ -116,6 +116,7 @@ def _validate_rank_head(config) -> None:
   if not head:
     return
   _positive(config, "loss.rank_negatives")
+  _positive(config, "loss.rank_cuts")
   try:
     models_base.check_rank_head(config.model.positions, config.model.rel_bias,
                                 prefix="config.")

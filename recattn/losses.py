@@ -389,13 +389,19 @@ def target_rank_loss(model, cache, inputs, targets, times, rng, config,
                      rngs=None):
   """Softmax over one target-aware candidate list per row.
 
-  Per row, one uniformly drawn position t with a target: its next item and
+  Per row, `config.rank_cuts` uniformly drawn positions t with a target
+  (with replacement; default 1), each: its next item and
   `config.rank_negatives` uniform items (never the positive) are scored by
   `recattn.serving.incremental.score_targets` after the history up to t
   (M-FALCON: candidates see the history and themselves), reusing the
   keys and values of the training forward pass (`cache`, from
   `incremental.encode_recording`). Rows without targets count zero.
   """
+  cuts = config.get("rank_cuts", 1)
+  if cuts > 1:  # each row `cuts` times, each copy with its own position
+    inputs, targets = (jnp.repeat(x, cuts, axis=0) for x in (inputs, targets))
+    times = None if times is None else jnp.repeat(times, cuts, axis=0)
+    cache = {k: jnp.repeat(v, cuts, axis=0) for k, v in cache.items()}
   valid = targets > 0
   count = jnp.sum(valid, axis=1)
   pick_rng, neg_rng = jax.random.split(rng)

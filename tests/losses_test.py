@@ -382,7 +382,7 @@ def test_target_rank_loss_trains_the_head(attention):
   rng = np.random.default_rng(0)
   inputs = jnp.asarray(rng.integers(1, 31, (8, 10)), jnp.int32)
   targets = jnp.roll(inputs, -1, axis=1).at[:, -1].set(3)
-  config = ml_collections.ConfigDict({"rank_negatives": 8})
+  config = ml_collections.ConfigDict({"rank_negatives": 8, "rank_cuts": 3})
   tx = optax.adam(1e-2)
 
   def loss(params):

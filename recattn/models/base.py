@@ -107,8 +107,10 @@ class SequenceRecommender(nnx.Module):
       check_rank_head(positions, rel_bias)
     # Target-aware ranking head (`recattn.serving.incremental.score_targets`):
     # a candidate item is run through the blocks after the history, seeing
-    # the history and itself; this maps its output to one logit.
-    self.rank_head = nnx.Linear(dim, 1, rngs=rngs) if rank_head else None
+    # the history and itself; this maps its last-block output to one logit.
+    self.rank_head = nnx.Sequential(
+        nnx.LayerNorm(dim, rngs=rngs), nnx.Linear(dim, 1, rngs=rngs)
+    ) if rank_head else None
 
   def target_logits(self, x: jax.Array) -> jax.Array:
     """`[..., T]` ranking logits of candidate tokens' last-block outputs."""
@@ -116,7 +118,9 @@ class SequenceRecommender(nnx.Module):
       raise ValueError("this model has no ranking head: train it with "
                        "config.model.rank_head=True (and loss.rank_weight "
                        "> 0) to score candidate lists")
-    return self.rank_head(self.output(x))[..., 0]
+    # On the last block's raw output: LayerNorm gives it unit-scale
+    # components (a unit-norm state would bound the logits by |w|).
+    return self.rank_head(x)[..., 0]
 
   def _normalize(self, x):
     if not self.l2_norm:

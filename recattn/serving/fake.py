@@ -107,7 +107,8 @@ class FakeEngine:
     self._record("score", len(states))
     out = []
     for s, c in zip(states, candidates):
-      dist = (np.asarray(c, np.int64) - int(s["items"][-1]) - 1) % self.num_items
+      last = int(s["items"][-1])
+      dist = (np.asarray(c, np.int64) - last - 1) % self.num_items
       out.append((1.0 - dist / self.num_items).astype(np.float32))
     return out
 
