@@ -387,7 +387,7 @@ LOSSES = {
 
 def target_rank_loss(model, cache, inputs, targets, times, rng, config,
                      rngs=None):
-  """Softmax over one target-aware candidate list per row.
+  """Softmax over target-aware candidate lists (`rank_cuts` per row).
 
   Per row, `config.rank_cuts` uniformly drawn positions t with a target
   (with replacement; default 1), each: its next item and

@@ -80,7 +80,7 @@ def _exclude(scores, seen):
 
 
 def block_top_k(scores: jax.Array, k: int, block: int = 128):
-  """`jax.lax.top_k(scores, k)` over `[B, V]`, reading V once, not k times.
+  """`jax.lax.top_k(scores, k)` over `[B, V]`, faster for k << V.
 
   The k best scores lie in the k blocks (of `block` items) with the highest
   maxima: a score outside them has k block maxima, k distinct scores, at

@@ -265,7 +265,7 @@ def append(model, cache: dict, items: jax.Array, times: jax.Array | None,
   """One new event per user on a window that is not full.
 
   Args:
-    model: throwaway merged model (see `encode_window`).
+    model: the (merged) model; its cores are swapped for the call.
     cache: `encode_window`'s or `append`'s cache for `items`.
     items: `[B, W]` the window BEFORE the event (its first slot is empty).
     times: `[B, W]` int32 or None.
@@ -345,7 +345,8 @@ def score_targets(model, cache: dict, items: jax.Array,
   (`config.model.rank_head`) maps a candidate's output to its logit.
 
   Args:
-    model: throwaway merged model (see `encode_window`) with a rank head.
+    model: the (merged) model, with a rank head; its cores are swapped
+      for the call.
     cache: `encode_window`'s / `append`'s cache for `items`, or
       `encode_recording`'s (keys and values for every variant).
     items: `[B, W]` the windows the cache was made from.
