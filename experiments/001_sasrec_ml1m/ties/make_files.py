@@ -10,7 +10,13 @@ here (`ml-1m-ratings-partial`), so both files hold those users:
       their lines of the staged `ml-1m.seq.txt`, as they are;
   <out>/time_order/ml-1m-bert4rec-preprocessed/ml-1m.seq.txt
       the same items per user sorted by timestamp, stable: ties keep
-      ratings.dat's line order.
+      ratings.dat's line order;
+  <out>/random_ties/ml-1m-bert4rec-preprocessed/ml-1m.seq.txt
+      sorted by timestamp, ties in a seeded random order (what an unstable
+      sort, e.g. pandas' default quicksort, gives).
+
+78% of these users' interactions share their second with another one of
+the same user, so the tie order decides most next-item targets.
 
 Each is a manual directory for the `ml-1m-seq` builder
 (`--config.data.manual_dir=<out>/<order>`, with a separate
@@ -25,6 +31,7 @@ import argparse
 import collections
 import gzip
 import os
+import random
 
 
 def main():
@@ -47,7 +54,8 @@ def main():
       if user in rated:
         seq[user].append(item)
   ties = 0
-  orders = {"seq_order": {}, "time_order": {}}
+  shuffle = random.Random(0)
+  orders = {"seq_order": {}, "time_order": {}, "random_ties": {}}
   for user in sorted(rated):
     by_time = [item for _, _, item in sorted(rated[user])]
     if sorted(by_time) != sorted(seq[user]):
@@ -55,6 +63,8 @@ def main():
     ties += by_time != seq[user]
     orders["seq_order"][user] = seq[user]
     orders["time_order"][user] = by_time
+    keyed = [(stamp, shuffle.random(), item) for stamp, _, item in rated[user]]
+    orders["random_ties"][user] = [item for _, _, item in sorted(keyed)]
   for name, users in orders.items():
     folder = os.path.join(args.out, name, "ml-1m-bert4rec-preprocessed")
     os.makedirs(folder, exist_ok=True)
