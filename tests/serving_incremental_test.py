@@ -5,13 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import base as base_config
-from recattn import models
 from recattn.serving import engine as engine_lib
 from recattn.serving import incremental
 
-NUM_ITEMS = 50
-MAX_LEN = 12
+from serving_models import MAX_LEN, NUM_ITEMS
+from serving_models import small_model as _model
 
 # Every registered variant; `linear` with both feature maps, `hstu` with
 # both normalizers and the time bias (HSTU's rab), SASRec with each norm.
@@ -33,23 +31,6 @@ CASES = [
     ("hstu", "hstu", {"model.attn.normalizer": "true",
                       "model.attn.hstu_block_k": 5}),
 ]
-
-
-def _model(name, attention, overrides, positions="left"):
-  c = base_config.get_base_config().model
-  c.name = name
-  c.attention = attention
-  c.dim = 16
-  c.num_heads = 2
-  c.num_blocks = 2
-  c.positions = positions
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split(".")[1:]
-    for part in path:
-      node = node[part]
-    node[last] = value
-  return models.create(c, num_items=NUM_ITEMS, max_len=MAX_LEN, seed=3)
 
 
 def _events(n, seed=0):

@@ -6,12 +6,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import base as base_config
-from recattn import models
 from recattn.serving import incremental
 
-NUM_ITEMS = 50
-MAX_LEN = 12
+from serving_models import MAX_LEN, NUM_ITEMS
+from serving_models import small_model
 
 # Every variant `score_targets` supports, with the time bias and both HSTU
 # normalizers (the "padded" one divides by the key count).
@@ -33,21 +31,8 @@ CASES = [
 
 
 def _model(name, attention, overrides, **fields):
-  c = base_config.get_base_config().model
-  c.name = name
-  c.attention = attention
-  c.dim = 16
-  c.num_heads = 2
-  c.num_blocks = 2
-  c.positions = "left"
-  c.rank_head = True
-  for key, value in {**overrides, **fields}.items():
-    node = c
-    *path, last = key.split(".")[1:] if key.startswith("model.") else [key]
-    for part in path:
-      node = node[part]
-    node[last] = value
-  return models.create(c, num_items=NUM_ITEMS, max_len=MAX_LEN, seed=3)
+  return small_model(name, attention, overrides, **{"rank_head": True,
+                                                    **fields})
 
 
 def _window(seq, times):
