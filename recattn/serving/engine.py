@@ -87,7 +87,8 @@ def block_top_k(scores: jax.Array, k: int, block: int = 128):
   least as high. So the block maxima pick k blocks and an exact top-k runs
   over their k * block scores only. Values equal `lax.top_k`'s; among
   tied scores the ids may differ. On this project's CPU it cuts the top-256
-  of 10^6 scores from ~1.5 ms to ~0.4 ms.
+  of 10^6 scores from 1.5 ms to 0.7 ms
+  (experiments/007_serving/scan_parts.py).
   """
   b, v = scores.shape
   n = -(-v // block)

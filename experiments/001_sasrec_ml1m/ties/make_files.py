@@ -71,8 +71,15 @@ def main():
     with open(os.path.join(folder, "ml-1m.seq.txt"), "w") as f:
       for user, items in users.items():
         f.writelines(f"{user} {item}\n" for item in items)
-  print(f"{len(rated)} users, {sum(map(len, seq.values()))} interactions; "
-        f"{ties} users whose two orders differ; written to {args.out}")
+  same_second = sum(
+      n for stamps in (collections.Counter(t for t, _, _ in r)
+                       for r in rated.values())
+      for n in stamps.values() if n > 1)
+  total = sum(map(len, seq.values()))
+  print(f"{len(rated)} users, {total} interactions; {same_second} "
+        f"({same_second / total:.1%}) share their second with another of "
+        f"the same user; {ties} users whose two orders differ; written to "
+        f"{args.out}")
 
 
 if __name__ == "__main__":
