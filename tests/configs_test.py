@@ -12,7 +12,8 @@ CONFIGS = [("sasrec_ml1m", None), ("sasrec_ml1m", "paper"),
            ("sasrec_beauty", None), ("hstu_ml1m", None),
            ("hstu_ml1m", "large"), ("test", None), ("sasrec_ml100k", "stream"),
            ("sasrec_stream", "ml-1m-partial"),
-           ("sasrec_stream", "synthetic,ranker")]
+           ("sasrec_stream", "synthetic,ranker"), ("time_aware", "ml-100k"),
+           ("time_aware", "ml-1m-partial,hstu")]
 
 
 @pytest.mark.parametrize("name,arg", CONFIGS)
@@ -25,7 +26,20 @@ def test_config_validates_and_builds(name, arg):
   assert h.shape == (1, 5, c.model.dim)
 
 
-def test_unknown_config_arg_is_refused():
-  module = importlib.import_module("configs.hstu_ml1m")
-  with pytest.raises(ValueError, match="allowed args"):
-    module.get_config("huge")
+@pytest.mark.parametrize("name,arg,match", [
+    ("hstu_ml1m", "huge", "allowed args"),
+    ("time_aware", "ml-1m-seq", "data one of"),
+    ("time_aware", "ml-100k,gru", "model one of")])
+def test_unknown_config_arg_is_refused(name, arg, match):
+  module = importlib.import_module(f"configs.{name}")
+  with pytest.raises(ValueError, match=match):
+    module.get_config(arg)
+
+
+def test_time_aware_hstu_takes_hstu_ml1m_block():
+  from configs import hstu_ml1m, time_aware  # pylint: disable=g-import-not-at-top
+  c, h = time_aware.get_config("synthetic,hstu"), hstu_ml1m.get_config()
+  assert (c.model.name, c.model.attention, c.model.num_heads,
+          c.model.attn.alpha) == (h.model.name, h.model.attention,
+                                  h.model.num_heads, h.model.attn.alpha)
+  assert c.data.name == "synthetic" and c.model.rel_bias == "none"

@@ -298,3 +298,15 @@ def test_unknown_override_field_stops_before_any_run(tmp_path):
       "configs/test.py has no field 'model.atention'; did you mean "
       "['model.attention', 'model.positions', 'model.norm']?")
   assert proc.stdout == "" and not (tmp_path / "study" / "runs").exists()
+
+
+@pytest.mark.parametrize("path", sorted(
+    os.path.relpath(os.path.join(d, "sweep.py"), ROOT)
+    for d in sorted(os.scandir(os.path.join(ROOT, "experiments")),
+                    key=lambda e: e.name)
+    if os.path.exists(os.path.join(d, "sweep.py"))) + [
+    "experiments/001_sasrec_ml1m/sweep_loss.py"])
+def test_shipped_sweeps_expand_and_every_run_validates(path):
+  runs = sweep.load_runs(path)
+  assert runs and len({r.workdir for r in runs}) == len(runs)
+  sweep.check(runs, path)  # also against the run.json of recorded runs

@@ -24,6 +24,7 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 
+from recattn import dropout as dropout_lib
 from recattn.attention import biases
 from recattn.attention import weights as weights_lib
 from recattn.attention.masks import Mask
@@ -54,8 +55,7 @@ def reference(q, k, v, mask: Mask, bias=None, *, scale: float,
     # average over padding.
     weights = jnp.where(dense, weights, 0.0)
   if dropout_rate:
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-    weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    weights = dropout_lib.apply(weights, dropout_rate, dropout_rng)
   out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(vh.dtype), vh)
   return jnp.swapaxes(out, 1, 2), weights
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from recattn import attention
+from recattn import dropout as dropout_lib
 from recattn.attention import relative
 
 # Relative attention biases a model can add to every block's attention:
@@ -102,7 +103,7 @@ class SequenceRecommender(nnx.Module):
     self.pos_embedding = nnx.Embed(
         max_len, dim, embedding_init=nnx.initializers.normal(pos_init),
         rngs=rngs)
-    self.dropout = nnx.Dropout(dropout)
+    self.dropout = dropout_lib.Dropout(dropout)
     if rank_head:
       check_rank_head(positions, rel_bias)
     # Target-aware ranking head (`recattn.serving.incremental.score_targets`):

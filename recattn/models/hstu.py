@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from recattn import attention
+from recattn import dropout as dropout_lib
 from recattn.models import base
 
 
@@ -46,7 +47,7 @@ class HSTUBlock(nnx.Module):
                           rngs=rngs)
     self.core = attention.layer(variant, num_heads, qk_dim, attn_config,
                                 rngs=rngs)
-    self.dropout = nnx.Dropout(dropout)
+    self.dropout = dropout_lib.Dropout(dropout)
 
   def __call__(self, x, mask, bias=None, *, rngs, return_weights=False):
     b, l, _ = x.shape

@@ -10,6 +10,7 @@ import jax
 from flax import nnx
 
 from recattn import attention
+from recattn import dropout as dropout_lib
 from recattn.models import base
 
 
@@ -82,7 +83,7 @@ class Block(nnx.Module):
     self.ln_ffn = nnx.LayerNorm(dim, epsilon=1e-8, rngs=rngs)
     self.ffn_in = _dense(dim, ffn_dim, rngs)
     self.ffn_out = _dense(ffn_dim, dim, rngs)
-    self.dropout = nnx.Dropout(dropout)
+    self.dropout = dropout_lib.Dropout(dropout)
 
   def _drop(self, x, rngs):
     return self.dropout(x, rngs=rngs, deterministic=rngs is None)
