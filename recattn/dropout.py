@@ -2,13 +2,13 @@
 
 `jax.random.bernoulli` runs threefry (20 rounds of 32-bit mixing) for every
 element. On this project's 2-core CPU a `[128, 200, 50]` mask costs about
-13 ms that way, and SASRec on ML-1M draws seven such masks per training
-step: 13% of its epoch (22.4 against 19.4 s per epoch without dropout,
-2026-11-30). Here one small threefry call gives 64 bits per mask, and each
-element's flat index is hashed with them by murmur3's 32-bit finaliser,
-twice, seeded between the rounds: `fmix32(fmix32(i + s0) ^ s1)`. That
-costs about 0.25 ms per mask (`experiments/000_speed_lean_step`,
-`dropout_masks.py`).
+16 ms that way, and SASRec on ML-1M draws seven such masks per training
+step: 22.3 s per epoch against 18.9 s without dropout. Here one small
+threefry call gives 64 bits per mask, and each element's flat index is
+hashed with them by murmur3's 32-bit finaliser, twice, seeded between the
+rounds: `fmix32(fmix32(i + s0) ^ s1)`. That costs about 0.7 ms per mask,
+and the epoch 19.2 s (2026-11-30, `experiments/000_speed_lean_step/
+dropout_masks.py` -> `dropout_masks_cpu.json`).
 
 Properties (tests/dropout_test.py): the keep rate is `keep_prob` to within
 2^-32; masks depend only on the key and the shape (not on the device count
