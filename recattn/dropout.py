@@ -42,13 +42,13 @@ def keep_mask(key: jax.Array, shape: tuple[int, ...],
   n = math.prod(shape)
   if n >= 2**32:
     raise ValueError(f"dropout mask of shape {shape}: more than 2^32 elements")
+  if keep_prob == 1.0:
+    return jnp.ones(shape, bool)
   seed = jax.random.bits(key, (2,), jnp.uint32)
   index = lax.iota(jnp.uint32, n).reshape(shape)
   hashed = _fmix32(_fmix32(index + seed[0]) ^ seed[1])
-  # P(hashed < t) = t / 2^32; keep_prob = 1 keeps everything.
-  threshold = min(round(keep_prob * 2**32), 2**32 - 1)
-  return hashed < jnp.uint32(threshold) if keep_prob < 1.0 else jnp.ones(
-      shape, bool)
+  # P(hashed < t) = t / 2^32.
+  return hashed < jnp.uint32(min(round(keep_prob * 2**32), 2**32 - 1))
 
 
 def apply(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
