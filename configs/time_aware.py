@@ -2,8 +2,9 @@
 
 `configs/sasrec_ml1m.py`'s model and loss, as `configs/sasrec_ml100k.py`
 (2 blocks, d=50, sampled softmax with 128 negatives, unit-norm vectors /
-temperature 0.05, max_len 200, seen items removed), on `<data>`; `,hstu` swaps the block for
-HSTU's (configs/hstu_ml1m.py: pointwise SiLU attention, 2 heads of 25).
+temperature 0.05, max_len 200, seen items removed), on `<data>`; `,hstu`
+swaps the block for HSTU's (configs/hstu_ml1m.py: pointwise SiLU attention,
+2 heads of 25).
 `model.rel_bias` (none | position | time | position+time) is the study's
 variable, set by experiments/008_time_aware/sweep.py.
 
