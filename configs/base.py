@@ -77,7 +77,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.l2_norm = False  # unit-norm user states and item vectors
   # none | position (T5 buckets) | alibi | time | position+time (timestamps)
   c.model.rel_bias = "none"
-  c.model.qk_dim = 0  # hstu: per-head size of Q, K; 0 = dim / heads
+  c.model.qk_dim = 0  # per-head size of Q, K (d_k); 0 = dim / heads
   c.model.v_dim = 0  # hstu: per-head size of U, V; 0 = dim / heads
   c.model.kv_raw = False  # sasrec norm: keys/values from the un-normed input
   # right (SASRec: counted back from the newest item) | left (from the

@@ -54,6 +54,13 @@ def validate(config) -> None:
            f"config.model.num_heads={config.model.num_heads} must divide "
            f"config.model.dim={config.model.dim}; allowed heads: "
            f"{[h for h in range(1, config.model.dim + 1) if config.model.dim % h == 0]}")
+  for field in ("model.qk_dim", "model.v_dim"):
+    if config.model.get(field.split(".")[1]) is not None:
+      _positive(config, field, zero_ok=True)
+  _require(config.model.get("v_dim", 0) == 0 or config.model.name == "hstu",
+           f"config.model.v_dim={config.model.get('v_dim')}: only "
+           "model.name='hstu' has it; SASRec's values have dim / num_heads "
+           "features per head (set 0)")
   _choice(config, "model.name", models.REGISTRY)
   _choice(config, "model.attention", attention.REGISTRY)
   _choice(config, "model.norm", sasrec.NORMS)
@@ -143,6 +150,13 @@ def _validate_attention_options(config) -> None:
   _choice(config, "model.attn.linear_feature", linear.FEATURES)
   _choice(config, "model.attn.normalizer", hstu_attention.NORMALIZERS)
   _choice(config, "model.attn.hstu_impl", hstu_attention.IMPLS)
+  head = config.model.dim // config.model.num_heads
+  qk, v = (config.model.get("qk_dim", 0) or head,
+           config.model.get("v_dim", 0) or head)
+  _require(not attn.low_rank_value_pool or qk == v,
+           f"config.model.attn.low_rank_value_pool=True pools values with "
+           f"key-sized weights: needs the same per-head size for queries/keys "
+           f"({qk}) and values ({v}); set model.qk_dim (and model.v_dim) equal")
   hidden = attn.din_hidden
   _require(all(isinstance(h, int) and h > 0 for h in hidden),
            f"config.model.attn.din_hidden={hidden!r}: must be positive ints")

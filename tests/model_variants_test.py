@@ -92,3 +92,53 @@ def test_changing_a_later_item_never_changes_earlier_states(
   h2 = model.encode(changed, times=times.at[:, t + 1:].add(777))
   np.testing.assert_allclose(h2[:, :t + 1], h[:, :t + 1], atol=1e-5)
   assert not np.allclose(h2[:, t + 1], h[:, t + 1])
+
+
+@pytest.mark.parametrize("variant", sorted(attention.REGISTRY))
+def test_sasrec_takes_a_query_key_size_apart_from_the_value_size(variant):
+  c = _config("sasrec", variant, "none")
+  with c.unlocked():
+    c.model.qk_dim = 4  # dim 16, 2 heads: values keep 8 per head
+  model = models.create(c.model, num_items=NUM_ITEMS, max_len=MAX_LEN, seed=0)
+  attn = model.blocks[0].attn
+  assert attn.qkv.kernel.shape == (16, 2 * (4 + 4 + 8))
+  assert attn.out.kernel.shape == (2 * 8, 16)
+  batch = _batch(2)
+  items = batch["inputs"][:2]
+  h = model.encode(items)
+  assert h.shape == (2, MAX_LEN, 16) and np.all(np.isfinite(h))
+  t = MAX_LEN - 4
+  h2 = model.encode(items.at[:, t + 1].set(items[:, t + 1] % NUM_ITEMS + 1))
+  np.testing.assert_allclose(h2[:, :t + 1], h[:, :t + 1], atol=1e-5)
+
+
+def test_sasrec_qk_dim_zero_means_dim_over_heads():
+  c = _config("sasrec", "scaled_dot", "none")
+  explicit = c.copy_and_resolve_references()
+  with explicit.unlocked():
+    explicit.model.qk_dim = 8
+  items = _batch(3)["inputs"][:4]
+  a = models.create(c.model, num_items=NUM_ITEMS, max_len=MAX_LEN, seed=0)
+  b = models.create(explicit.model, num_items=NUM_ITEMS, max_len=MAX_LEN,
+                    seed=0)
+  assert a.blocks[0].attn.qkv.kernel.shape == (16, 48)
+  np.testing.assert_array_equal(a.encode(items), b.encode(items))
+
+
+def test_blockwise_matches_scaled_dot_with_a_smaller_query_key_size():
+  # Same parameters (neither core has any); blockwise's own backward pass.
+  def loss_and_grads(variant):
+    c = _config("sasrec", variant, "none")
+    with c.unlocked():
+      c.model.qk_dim = 4
+    model = models.create(c.model, num_items=NUM_ITEMS, max_len=MAX_LEN,
+                          seed=0)
+    items = _batch(4)["inputs"][:4]
+    loss = lambda m: jnp.sum(jnp.sin(m.encode(items)))
+    return nnx.value_and_grad(loss)(model)
+
+  (a, grads_a), (b, grads_b) = map(loss_and_grads, ("scaled_dot",
+                                                   "blockwise"))
+  np.testing.assert_allclose(a, b, rtol=1e-5)
+  for ga, gb in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+    np.testing.assert_allclose(ga, gb, rtol=1e-4, atol=1e-5)

@@ -163,13 +163,24 @@ def test_impossible_configs_name_the_field(field, value, message):
       "model.attention": "local"}, "config.model.attention='local' cannot"),
     ({"model.rank_head": True, "model.positions": "left",
       "loss.rank_negatives": 0}, "config.loss.rank_negatives=0"),
+    ({"model.qk_dim": -1}, "config.model.qk_dim=-1: must be a number >= 0"),
+    ({"model.v_dim": 8}, "config.model.v_dim=8: only model.name='hstu'"),
+    ({"model.qk_dim": 4, "model.attention": "low_rank"}, None),
+    ({"model.qk_dim": 4, "model.attn.low_rank_value_pool": True},
+     "config.model.attn.low_rank_value_pool=True pools values"),
 ])
-def test_impossible_rank_head_configs_name_the_field(fields, message):
+def test_impossible_field_combinations_are_refused(fields, message):
   c = test_config.get_config()
   with c.unlocked():
     for field, value in fields.items():
-      section, name = field.split(".")
-      c[section][name] = value
+      *path, name = field.split(".")
+      section = c
+      for part in path:
+        section = section[part]
+      section[name] = value
+  if message is None:  # a valid neighbour of the refused configs
+    config_check.validate(c)
+    return
   with pytest.raises(config_check.ConfigError, match=re.escape(message)):
     config_check.validate(c)
 

@@ -204,7 +204,7 @@ def _forward(st: _Static, q, k, v, key_valid, leaves):
   qb = _blocks(q, st.nq, st.block_q)
   kb = _blocks(k, st.nk, st.block_k)
   vb = _blocks(v, st.nk, st.block_k)
-  b, h, dh = qb.shape[1], qb.shape[2], qb.shape[4]
+  b, h, dv = qb.shape[1], qb.shape[2], vb.shape[4]  # values' size may differ
 
   def query_block(args):
     i, q_blk = args
@@ -227,7 +227,7 @@ def _forward(st: _Static, q, k, v, key_valid, leaves):
 
     init = (jnp.full((b, h, st.block_q), -jnp.inf, jnp.float32),
             jnp.zeros((b, h, st.block_q), jnp.float32),
-            jnp.zeros((b, h, st.block_q, dh), jnp.float32))
+            jnp.zeros((b, h, st.block_q, dv), jnp.float32))
     lo, hi = _key_range(st, i)
     m, l, acc = jax.lax.fori_loop(lo, hi, key_block, init)
     seen = l > 0  # queries with no visible key output zeros
@@ -302,10 +302,11 @@ def _attention_bwd(st, res, d_out):
                            preferred_element_type=jnp.float32)
       return dq, d_leaves, dk, dv
 
-    zeros = jnp.zeros(k_blk.shape, jnp.float32)
     lo, hi = _query_range(st, j)
     dq, d_leaves, dk, dv = jax.lax.fori_loop(
-        lo, hi, query_block, (dq, d_leaves, zeros, zeros))
+        lo, hi, query_block,
+        (dq, d_leaves, jnp.zeros(k_blk.shape, jnp.float32),
+         jnp.zeros(v_blk.shape, jnp.float32)))
     return (dq, d_leaves), (dk, dv)
 
   d_leaves0 = [jnp.zeros(x.shape, jnp.float32 if not ok else x.dtype)

@@ -144,5 +144,5 @@ def local(
                    preferred_element_type=jnp.float32)
   denom = jnp.moveaxis(denom, 2, 3)[..., None]  # [B, nq, w, H, 1]
   out = out / jnp.where(denom > 0, denom, 1.0)
-  out = out.reshape(b, nq * w, h, dh)[:, :lq]
+  out = out.reshape(b, nq * w, h, -1)[:, :lq]  # values may differ from Dh
   return out.astype(q.dtype), None

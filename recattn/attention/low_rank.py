@@ -230,7 +230,7 @@ def _causal(q, k, v, key_valid, pool, value_pool, scale, chunk):
   item = jnp.einsum("bnihr,bnhrij->bnhij", g, pair_v)
   out = (jnp.einsum("bnihr,bnhrd->bnihd", g * resc_v, pv)
          + jnp.einsum("bnhij,bnjhd->bnihd", item, vc))
-  return out.reshape(b, n * c, h, dh)[:, :l]
+  return out.reshape(b, n * c, h, -1)[:, :l]  # values may differ from Dh
 
 
 def low_rank(

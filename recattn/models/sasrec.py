@@ -7,6 +7,7 @@ sphere, as in generative-recommenders' SASRec baseline).
 """
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from recattn import attention
@@ -22,33 +23,41 @@ def _dense(n_in: int, n_out: int, rngs) -> nnx.Linear:
 
 
 class MultiHeadAttention(nnx.Module):
-  """Projections and heads around any registered attention variant."""
+  """Projections and heads around any registered attention variant.
+
+  Values have `dim / num_heads` features per head; queries and keys have
+  `qk_dim` (0: the same), which sets the attention's d_k apart from its width.
+  """
 
   def __init__(self, dim: int, num_heads: int, variant: str, attn_config=None,
-               *, rngs):
+               *, qk_dim: int = 0, rngs):
     self.num_heads = num_heads
-    self.head_dim = dim // num_heads
+    self.v_dim = dim // num_heads
+    self.qk_dim = qk_dim or self.v_dim
     attn_config = dict(attn_config or {})
     self.dropout_rate = attn_config.get("dropout", 0.0)
     self.takes_dropout = attention.get(variant).dropout
-    self.core = attention.layer(variant, num_heads, self.head_dim, attn_config,
+    self.core = attention.layer(variant, num_heads, self.qk_dim, attn_config,
                                 rngs=rngs)
-    self.qkv = _dense(dim, 3 * dim, rngs)
-    self.out = _dense(dim, dim, rngs)
+    # Columns: [queries | keys | values], each head-major.
+    self.qkv = _dense(dim, num_heads * (2 * self.qk_dim + self.v_dim), rngs)
+    self.out = _dense(num_heads * self.v_dim, dim, rngs)
 
   def __call__(self, x, mask: attention.Mask, bias=None, *, kv=None,
                return_weights=False, rngs=None):
     """Attends from `x` to `kv` (default: `x` itself)."""
-    b, l, d = x.shape
+    b, l, _ = x.shape
+    h, nq = self.num_heads, self.num_heads * self.qk_dim
     if kv is None:
-      qkv = self.qkv(x).reshape(b, l, 3, self.num_heads, self.head_dim)
-      q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, L, H, Dh]
+      q, k, v = jnp.split(self.qkv(x), [nq, 2 * nq], axis=-1)
     else:
       w, w_b = self.qkv.kernel[...], self.qkv.bias[...]
-      q = (x @ w[:, :d] + w_b[:d]).reshape(b, l, self.num_heads, -1)
-      kv = (kv @ w[:, d:] + w_b[d:]).reshape(b, kv.shape[1], 2,
-                                             self.num_heads, -1)
-      k, v = kv[:, :, 0], kv[:, :, 1]
+      q = x @ w[:, :nq] + w_b[:nq]
+      k, v = jnp.split(kv @ w[:, nq:] + w_b[nq:], [nq], axis=-1)
+    lk = k.shape[1]
+    q = q.reshape(b, l, h, self.qk_dim)  # [B, L, H, Dk]
+    k = k.reshape(b, lk, h, self.qk_dim)
+    v = v.reshape(b, lk, h, self.v_dim)
     kwargs = {}
     if self.takes_dropout and self.dropout_rate and rngs is not None:
       kwargs = dict(dropout_rate=self.dropout_rate, dropout_rng=rngs.dropout())
@@ -74,11 +83,11 @@ class Block(nnx.Module):
   """
 
   def __init__(self, dim, num_heads, ffn_dim, dropout, variant, norm, *,
-               rngs, kv_raw=False, attn_config=None):
+               rngs, kv_raw=False, attn_config=None, qk_dim=0):
     self.norm = norm
     self.kv_raw = kv_raw
     self.attn = MultiHeadAttention(dim, num_heads, variant, attn_config,
-                                   rngs=rngs)
+                                   qk_dim=qk_dim, rngs=rngs)
     self.ln_attn = nnx.LayerNorm(dim, epsilon=1e-8, rngs=rngs)
     self.ln_ffn = nnx.LayerNorm(dim, epsilon=1e-8, rngs=rngs)
     self.ffn_in = _dense(dim, ffn_dim, rngs)
@@ -136,6 +145,7 @@ class SASRec(base.SequenceRecommender):
       remat: bool = False,
       positions: str = "right",
       rank_head: bool = False,
+      qk_dim: int = 0,
       rngs: nnx.Rngs,
   ):
     super().__init__(num_items=num_items, max_len=max_len, dim=dim,
@@ -144,7 +154,7 @@ class SASRec(base.SequenceRecommender):
                      positions=positions, rank_head=rank_head, rngs=rngs)
     self.blocks = nnx.List([
         Block(dim, num_heads, ffn_dim, dropout, attention, norm, rngs=rngs,
-              kv_raw=kv_raw, attn_config=attn_config)
+              kv_raw=kv_raw, attn_config=attn_config, qk_dim=qk_dim)
         for _ in range(num_blocks)
     ])
     self.final_norm = final_norm
@@ -158,7 +168,8 @@ class SASRec(base.SequenceRecommender):
                ffn_dim=get("ffn_dim", 0) or model_config.dim,
                norm=get("norm", "sasrec"), kv_raw=get("kv_raw", False),
                pos_init=get("pos_init", 0.02),
-               final_norm=get("final_norm", True), rngs=rngs)
+               final_norm=get("final_norm", True),
+               qk_dim=get("qk_dim", 0), rngs=rngs)
 
   def output(self, x):
     """The final LayerNorm (when `final_norm`), then the optional unit norm."""
