@@ -21,7 +21,8 @@
 #   3. the time/memory table of every variant at bf16 (bench.py).
 # Phase B shares the GPU until the deadline:
 #   4. GPU-only tests (cuDNN agreement with the reference);
-#   5. study 003's sweep, `--jobs` runs at a time, headline rows first;
+#   5. study 003's sweep, `--jobs` runs at a time, headline rows first,
+#      then studies 009 and 008 while time is left;
 #      beside it, the SASRec losses that a CPU cannot afford: ML-1M with
 #      exact softmax and per-position negatives, 3 seeds each
 #      (001_sasrec_ml1m/sweep_loss.py), and Beauty with exact softmax.
@@ -52,6 +53,8 @@ pack() {
   rm -f "$OUT"/results.tgz.part-*
   tar czf - -C / "${W#/}" -C "$PWD" $(ls -d \
       experiments/003_attention_variants/runs \
+      experiments/009_algorithm_parameters/runs \
+      experiments/008_time_aware/runs \
       experiments/001_sasrec_ml1m/runs \
       experiments/003_attention_variants/prelim/sasrec_beauty_softmax_full \
       2>/dev/null) \
@@ -126,6 +129,12 @@ train() {  # train <name> <workdir> <config> <overrides...>
     --sweep=experiments/001_sasrec_ml1m/sweep_loss.py --jobs=3 ) &
 step $(( $(left) - 10 )) sweep003 $PY -m recattn.sweep \
     --sweep=experiments/003_attention_variants/sweep.py --jobs=$JOBS
+# Then, while time is left: study 009 (needs study 003's ML-1M seed-0 rows;
+# stops at once with a one-line error until they exist) and study 008.
+for study in 009_algorithm_parameters 008_time_aware; do
+  [ "$(left)" -gt 30 ] && step $(( $(left) - 10 )) "sweep_$study" \
+      $PY -m recattn.sweep --sweep=experiments/$study/sweep.py --jobs=$JOBS
+done
 wait
 log "packing"
 pack

@@ -20,6 +20,12 @@ written first. Runs with `final_metrics.json` are skipped; interrupted ones
 resume. Every run's config is built and validated before the first starts.
 `--jobs=N` trains N runs at a time, in sweep order (for an accelerator that
 one small run leaves idle; time comparisons want `--jobs=1`).
+
+Staged studies: `get_sweep(root)` (a parameter named `root`) receives the
+run directory, so a sweep file can read its finished runs and add the next
+stage's runs, e.g. more seeds of the point that `best()` picks on a
+validation metric. After every run has finished, the runner expands the
+sweep again and trains the runs it adds, until it adds none.
 """
 
 import concurrent.futures
@@ -28,6 +34,7 @@ import datetime
 import difflib
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -44,14 +51,19 @@ from ml_collections import config_flags
 
 from recattn import config_check
 
-_SWEEP = flags.DEFINE_string("sweep", None, "Sweep file defining get_sweep().")
-_ROOT = flags.DEFINE_string("root", None, "Run directories; default: "
-                            "`runs/` beside the sweep file.")
-_LIST = flags.DEFINE_bool("list", False, "Print one shell command per run.")
-_ONLY = flags.DEFINE_string("only", None, "Keep runs whose name contains it.")
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print what would run.")
-_JOBS = flags.DEFINE_integer("jobs", 1, "Runs trained at the same time.")
-flags.mark_flag_as_required("sweep")
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """The CLI's flags: defined only when run as a program (see the end)."""
+  flags.DEFINE_string("sweep", None, "Sweep file defining get_sweep().")
+  flags.DEFINE_string("root", None, "Run directories; default: `runs/` "
+                      "beside the sweep file.")
+  flags.DEFINE_bool("list", False, "Print one shell command per run.")
+  flags.DEFINE_string("only", None, "Keep runs whose name contains it.")
+  flags.DEFINE_bool("dry_run", False, "Print what would run.")
+  flags.DEFINE_integer("jobs", 1, "Runs trained at the same time.")
+  flags.mark_flag_as_required("sweep")
 
 _KEYS = ("name", "configs", "overrides", "seeds", "common")
 _VALUE_TYPES = (bool, int, float, str, tuple, list)
@@ -173,6 +185,7 @@ def _check_group(where: str, group) -> None:
 def load_runs(sweep_path: str, root: str | None = None) -> list[Run]:
   """Reads a sweep file and expands it into runs, in order, deduplicated."""
   _require(os.path.isfile(sweep_path), f"{sweep_path}: no such file")
+  root = root or os.path.join(os.path.dirname(sweep_path), "runs")
   spec = importlib.util.spec_from_file_location("recattn_sweep_file",
                                                 sweep_path)
   module = importlib.util.module_from_spec(spec)
@@ -181,11 +194,23 @@ def load_runs(sweep_path: str, root: str | None = None) -> list[Run]:
     get_sweep = getattr(module, "get_sweep", None)
     if not callable(get_sweep):
       raise SweepError(f"{sweep_path}: defines no get_sweep()")
-    groups = get_sweep()
-  except SweepError:
-    raise
+    staged = "root" in inspect.signature(get_sweep).parameters
+    groups = get_sweep(root=root) if staged else get_sweep()
+  except SweepError as e:  # raised by a staged file's own checks
+    if str(e).startswith(sweep_path):
+      raise
+    raise SweepError(f"{sweep_path}: {e}") from e
   except Exception as e:  # The file is user code: one line, no traceback.
     raise SweepError(f"{sweep_path}: {type(e).__name__}: {e}") from e
+  return load_runs_from_groups(groups, root, sweep_path)
+
+
+def load_runs_from_groups(groups, root: str, sweep_path: str = "sweep"
+                          ) -> list[Run]:
+  """Expands `get_sweep()`'s result into runs under `root`, deduplicated.
+
+  `sweep_path` starts every error message.
+  """
   single = isinstance(groups, dict)
   groups = [groups] if single else groups
   _require(isinstance(groups, list) and groups, f"{sweep_path}: get_sweep() "
@@ -193,7 +218,6 @@ def load_runs(sweep_path: str, root: str | None = None) -> list[Run]:
   for i, group in enumerate(groups, 1):
     _check_group(sweep_path if single else f"{sweep_path}: group {i}", group)
 
-  root = root or os.path.join(os.path.dirname(sweep_path), "runs")
   runs, seen, labels = [], set(), {}
   for group in groups:
     for config in group["configs"]:
@@ -232,6 +256,36 @@ def _fields(config: config_dict.ConfigDict, prefix: str = "") -> dict:
     else:
       out[f"{prefix}{key}"] = value
   return out
+
+
+def build_config(config: str, overrides: dict | None = None
+                 ) -> config_dict.ConfigDict:
+  """The config `recattn.main` would train: `config` with `overrides`."""
+  return _parse_config([f"--config={config}"] + [
+      f"--config.{k}={format_value(v)}" for k, v in (overrides or {}).items()])
+
+
+def best(runs: list[Run], metric: str = "valid/full/ndcg@10") -> list[Run]:
+  """Finished `runs`, best first on a validation `metric` (ties: by name).
+
+  For sweep files that pick a later stage's points from earlier results.
+
+  Raises:
+    SweepError: for a test metric (selection uses validation only), an
+      unfinished run or a record without `metric`.
+  """
+  _require(metric.startswith("valid/"), f"best(): {metric!r} is not a "
+           "validation metric; selection uses 'valid/...' metrics only")
+  scored = []
+  for run in runs:
+    path = os.path.join(run.workdir, "final_metrics.json")
+    _require(run.finished(), f"best(): {run.name} has no {path}")
+    with open(path) as f:
+      value = json.load(f).get(metric)
+    _require(isinstance(value, (int, float)), f"best(): {path} has no "
+             f"number {metric!r}")
+    scored.append((-value, run.name, run))
+  return [run for *_, run in sorted(scored, key=lambda x: x[:2])]
 
 
 def check(runs: list[Run], sweep_path: str) -> None:
@@ -334,36 +388,60 @@ def execute(runs: list[Run], jobs: int = 1) -> list[Run]:
   return sorted(failed, key=lambda run: index[run.name])
 
 
+def _expand() -> list[Run]:
+  """The sweep's runs after --only, checked; exits with a one-line error."""
+  try:
+    runs = load_runs(FLAGS.sweep, FLAGS.root)
+    if FLAGS.only is not None:
+      runs = [run for run in runs if FLAGS.only in run.name]
+      if not runs:
+        raise SweepError(f"{FLAGS.sweep}: no run name contains "
+                         f"{FLAGS.only!r}")
+    check(runs, FLAGS.sweep)
+  except SweepError as e:
+    raise SystemExit(f"error: {e}") from None
+  return runs
+
+
+_MAX_STAGES = 20
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  try:
-    runs = load_runs(_SWEEP.value, _ROOT.value)
-    if _ONLY.value is not None:
-      runs = [run for run in runs if _ONLY.value in run.name]
-      if not runs:
-        raise SweepError(f"{_SWEEP.value}: no run name contains "
-                         f"{_ONLY.value!r}")
-    check(runs, _SWEEP.value)
-  except SweepError as e:
-    raise SystemExit(f"error: {e}") from None
-  if _LIST.value:
+  runs = _expand()
+  if FLAGS.list:
     print("\n".join(shlex.join(run.command) for run in runs))
     return
-  if _DRY_RUN.value:
+  if FLAGS.dry_run:
     for i, run in enumerate(runs, 1):
       what = ("skip (done)" if run.finished() else "would resume" if
               os.path.isdir(os.path.join(run.workdir, "ckpt")) else "would run")
       print(f"[{i}/{len(runs)}] {run.name}: {what}\n"
             f"  {shlex.join(run.command)}")
     return
-  if _JOBS.value < 1:
-    raise SystemExit(f"error: --jobs={_JOBS.value} must be >= 1")
-  failed = execute(runs, _JOBS.value)
-  if failed:
-    raise SystemExit(f"FAILED {len(failed)} of {len(runs)} runs (see their "
-                     "log.txt):\n" + "\n".join(r.workdir for r in failed))
+  if FLAGS.jobs < 1:
+    raise SystemExit(f"error: --jobs={FLAGS.jobs} must be >= 1")
+  for stage in range(1, _MAX_STAGES + 1):
+    failed = execute(runs, FLAGS.jobs)
+    if failed:
+      raise SystemExit(f"FAILED {len(failed)} of {len(runs)} runs (see "
+                       "their log.txt):\n" +
+                       "\n".join(r.workdir for r in failed))
+    known = {run.name for run in runs}
+    runs = _expand()  # a staged sweep file may add runs now
+    added = [run.name for run in runs if run.name not in known]
+    if not added:
+      return
+    print(f"stage {stage + 1}: the sweep adds {len(added)} run(s): "
+          f"{', '.join(added)}", flush=True)
+  raise SystemExit(f"error: {FLAGS.sweep}: still adding runs after "
+                   f"{_MAX_STAGES} stages")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  # Staged sweep files import recattn.sweep: run the CLI in that module, so
+  # they share its SweepError and Run with the runner (and flags exist once).
+  from recattn import sweep as _module
+  _module._define_flags()
+  app.run(_module.main)

@@ -2,6 +2,7 @@
 skips finished runs and resumes an interrupted one, and one-line errors for
 bad sweep files and override fields before anything is written."""
 
+import importlib.util
 import json
 import os
 import re
@@ -307,6 +308,135 @@ def test_unknown_override_field_stops_before_any_run(tmp_path):
     if os.path.exists(os.path.join(d, "sweep.py"))) + [
     "experiments/001_sasrec_ml1m/sweep_loss.py"])
 def test_shipped_sweeps_expand_and_every_run_validates(path):
+  if path == _PARAMS:
+    try:
+      runs = sweep.load_runs(path)
+    except sweep.SweepError as e:  # until study 003 has its ML-1M results
+      assert "--sweep=experiments/003_attention_variants/sweep.py` first" in (
+          str(e)), e
+      return
   runs = sweep.load_runs(path)
   assert runs and len({r.workdir for r in runs}) == len(runs)
   sweep.check(runs, path)  # also against the run.json of recorded runs
+
+
+_PARAMS = "experiments/009_algorithm_parameters/sweep.py"
+
+
+def _finish(run, **metrics):
+  os.makedirs(run.workdir, exist_ok=True)
+  with open(os.path.join(run.workdir, "final_metrics.json"), "w") as f:
+    json.dump(metrics, f)
+
+
+def test_best_ranks_on_validation_only(tmp_path):
+  path = _sweep_file(tmp_path, """
+      def get_sweep():
+        return {"name": "s", "configs": ["configs/test.py"],
+                "seeds": [0, 1, 2]}
+      """)
+  a, b, c = sweep.load_runs(path)
+  _finish(a, **{"valid/full/ndcg@10": 0.2, "test/full/ndcg@10": 0.9})
+  _finish(b, **{"valid/full/ndcg@10": 0.3, "test/full/ndcg@10": 0.1})
+  assert sweep.best([a, b]) == [b, a]
+  with pytest.raises(sweep.SweepError, match="not a validation metric"):
+    sweep.best([a, b], "test/full/ndcg@10")
+  with pytest.raises(sweep.SweepError, match="test__seed2 has no"):
+    sweep.best([a, c])
+  with pytest.raises(sweep.SweepError, match="has no number 'valid/full/mrr'"):
+    sweep.best([a], "valid/full/mrr")
+
+
+@pytest.fixture
+def cli_flags():
+  from absl import flags
+  if "sweep" not in flags.FLAGS:
+    sweep._define_flags()
+  yield lambda *args: flags.FLAGS(["recattn.sweep", *args])
+  flags.FLAGS.unparse_flags()
+
+
+def test_a_staged_sweep_runs_the_runs_each_stage_adds(
+    tmp_path, monkeypatch, capsys, cli_flags):
+  path = _sweep_file(tmp_path, """
+      import os
+      from recattn import sweep
+
+      def get_sweep(root):
+        first = {"name": "s", "configs": ["configs/test.py"],
+                 "overrides": [{}, {"model.dropout": 0.1}]}
+        runs = sweep.load_runs_from_groups([first], root)
+        if not all(run.finished() for run in runs):
+          return first
+        top = sweep.best(runs)[0]
+        return [first, {**first, "overrides": [top.overrides],
+                        "seeds": [1, 2]}]
+      """)
+  trained = []
+
+  def fake_main(command, stdout, stderr):
+    workdir = command[4].removeprefix("--workdir=")
+    trained.append(os.path.basename(workdir))
+    score = 0.5 if "dropout" in workdir else 0.4
+    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+      json.dump({"valid/full/ndcg@10": score}, f)
+    return 0
+
+  monkeypatch.setattr(sweep.subprocess, "call", fake_main)
+  cli_flags(f"--sweep={path}")
+  sweep.main(["recattn.sweep"])
+  assert trained == ["test__seed0", "test__model.dropout=0.1__seed0",
+                     "test__model.dropout=0.1__seed1",
+                     "test__model.dropout=0.1__seed2"]
+  assert ("stage 2: the sweep adds 2 run(s): test__model.dropout=0.1__seed1, "
+          "test__model.dropout=0.1__seed2") in capsys.readouterr().out
+  sweep.main(["recattn.sweep"])  # everything done: nothing more to train
+  assert len(trained) == 4
+
+
+def _load_params_study():
+  spec = importlib.util.spec_from_file_location("params_sweep", _PARAMS)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_parameter_study_starts_from_the_two_best_variants_on_validation(
+    tmp_path):
+  study = _load_params_study()
+  variants = sweep.load_runs(study.VARIANTS_SWEEP, root=str(tmp_path / "003"))
+  ml1m = [r for r in variants if r.config in study.ML1M_CONFIGS and
+          r.seed == 0]
+  with pytest.raises(sweep.SweepError, match=f"{len(ml1m)} of study 003's "
+                     f"{len(ml1m)} ML-1M seed-0 runs are not finished"):
+    study.plan(variants, str(tmp_path / "009"))
+  for i, run in enumerate(ml1m):
+    linear = run.overrides == {"model.attention": "linear"}
+    hstu = run.config == "configs/hstu_ml1m.py:large"
+    # test metrics favour another row: selection must not read them
+    _finish(run, **{"valid/full/ndcg@10": 0.3 if linear else 0.29 if hstu
+                    else 0.1 + i / 1000, "test/full/ndcg@10": 0.5 - i / 100})
+  root = str(tmp_path / "009")
+  groups = study.plan(variants, root)
+  assert [(g["configs"], g["seeds"]) for g in groups] == [
+      (["configs/sasrec_ml1m.py"], [0]),
+      (["configs/hstu_ml1m.py:large"], [0])]
+  linear, hstu = groups
+  assert linear["overrides"][0] == {"model.attention": "linear"}
+  assert {"model.attention": "linear", "model.num_heads": 2} in (
+      linear["overrides"])
+  assert not any("model.attn.temperature" in o or "model.attn.alpha" in o
+                 for o in linear["overrides"])  # linear has no scale
+  assert {"model.attn.alpha": 0.5} in hstu["overrides"]  # its alpha is 1
+  assert {"model.num_blocks": 16} in hstu["overrides"]
+  assert len(linear["overrides"]) == 13 and len(hstu["overrides"]) == 15
+  runs = sweep.load_runs_from_groups(groups, root, _PARAMS)
+  sweep.check(runs, _PARAMS)  # every point builds a valid config
+
+  for run in runs[:13]:  # linear's stage 1 done: its best point gets 2 seeds
+    best = run.overrides.get("optimizer.lr") == 0.003
+    _finish(run, **{"valid/full/ndcg@10": 0.4 if best else 0.3})
+  groups = study.plan(variants, root)
+  assert len(groups) == 3 and groups[1] == {
+      **linear, "overrides": [{"model.attention": "linear",
+                               "optimizer.lr": 0.003}], "seeds": [1, 2]}
