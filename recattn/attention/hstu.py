@@ -32,7 +32,8 @@ the call (no rab bias, Lq == Lk, no window or target mask, power-of-two head
 sizes; see `hstu_pallas.supported`) and no weights are asked for; elsewhere,
 and always with `impl="xla"`, the XLA paths below run.
 
-Time O(B H Lq Lk (Dh + Dv)). Memory: the reference builds the
+Time O(B H Lq Lk (Dh + Dv)); without weights, `by_rows` skips the keys
+causal row blocks cannot see. Memory: the reference builds the
 `[B, H, Lq, Lk]` weights; `block_k=T` instead scans over key blocks of T
 (a plain sum, since there is no softmax to renormalise), holding
 O(B H Lq T) at a time, with the block recomputed in the backward pass
@@ -47,6 +48,7 @@ import jax.numpy as jnp
 
 from recattn.attention import biases
 from recattn.attention import hstu_pallas
+from recattn.attention import masks
 from recattn.attention import weights as weights_lib
 from recattn.attention.masks import Mask
 
@@ -77,21 +79,51 @@ def reference(q, k, v, mask: Mask, bias=None, *, alpha: float,
     out `[B, Lq, H, Dv]` and weights `[B, H, Lq, Lk]`.
   """
   q_len, k_len = q.shape[1], k.shape[1]
+  return _silu_tile(q, k, v, mask.dense(q_len, k_len),
+                    biases.dense(bias, q_len, k_len), alpha=alpha,
+                    normalizer=normalizer, k_len=k_len)
+
+
+def _silu_tile(q, k, v, allowed, bias, *, alpha, normalizer, k_len):
+  """silu attention of queries `q` over keys `k`; returns (out, weights).
+
+  `allowed` `[B|1, 1, Tq, Tk]` or None and `bias` (dense) cover these
+  queries and keys; `k_len` is the whole sequence's key count ("padded").
+  """
   logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * alpha
-  bias = biases.dense(bias, q_len, k_len)
   if bias is not None:
     logits = logits + bias.astype(logits.dtype)
-  allowed = mask.dense(q_len, k_len)  # [B|1, 1, Lq, Lk] or None
   weights = jax.nn.silu(logits)
   if allowed is not None:
     weights = jnp.where(allowed, weights, 0.0)
   if normalizer == "padded":
     weights = weights / k_len
   else:
-    weights = weights / _visible_counts(allowed, q_len, k_len).astype(
-        weights.dtype)
+    weights = weights / _visible_counts(allowed, q.shape[1], k.shape[1]
+                                        ).astype(weights.dtype)
   out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
   return out, weights
+
+
+def by_rows(q, k, v, mask: Mask, bias=None, *, alpha: float,
+            normalizer: str = "padded") -> jax.Array:
+  """`reference`'s output, one causal row block at a time (no weights).
+
+  Skips the keys a block of queries cannot see (`masks.causal_row_blocks`);
+  a row's visible keys all lie in its block's key range, so the "true"
+  normaliser's counts are unchanged.
+  """
+  q_len, k_len = q.shape[1], k.shape[1]
+  outs = []
+  for q0, q1, k0, k1 in masks.causal_row_blocks(mask, q_len, k_len):
+    q_pos = jnp.arange(q0, q1) + (k_len - q_len)
+    k_pos = jnp.arange(k0, k1)
+    out, _ = _silu_tile(q[:, q0:q1], k[:, k0:k1], v[:, k0:k1],
+                        mask.allowed(q_pos, k_pos, k_len),
+                        biases.tile(bias, q_pos, k_pos, k_len), alpha=alpha,
+                        normalizer=normalizer, k_len=k_len)
+    outs.append(out)
+  return jnp.concatenate(outs, axis=1)
 
 
 def blockwise(q, k, v, mask: Mask, bias=None, *, alpha: float,
@@ -166,7 +198,8 @@ def hstu(
       reference, whatever `block_k`).
     impl: "auto" runs the Pallas kernels (`hstu_pallas`) on a GPU when they
       support the call and `return_weights` is False, else the XLA paths;
-      "xla" always the XLA paths (reference, or the `block_k` scan);
+      "xla" always the XLA paths (`by_rows`, the reference one causal row
+      block at a time, or the `block_k` scan);
       "pallas" requires the kernels (ValueError with the reason otherwise;
       on CPU they run in Pallas' interpreter, for tests). The kernels ignore
       `block_k`.
@@ -202,5 +235,4 @@ def hstu(
   if block_k is not None:
     return blockwise(q, k, v, mask, bias, alpha=alpha, normalizer=normalizer,
                      block_k=block_k), None
-  out, _ = reference(q, k, v, mask, bias, alpha=alpha, normalizer=normalizer)
-  return out, None
+  return by_rows(q, k, v, mask, bias, alpha=alpha, normalizer=normalizer), None

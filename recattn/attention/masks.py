@@ -91,3 +91,34 @@ class Mask:
     q_pos = jnp.arange(q_len) + (k_len - q_len)
     k_pos = jnp.arange(k_len)
     return self.allowed(q_pos, k_pos, k_len)
+
+
+# Causal row blocks (`causal_row_blocks`): below MIN_ROWS queries a split
+# does not pay for its extra small ops; MAX_ROW_BLOCKS caps the unrolled
+# program (beyond it, `blockwise` is the long-sequence path).
+MIN_ROWS = 48
+MAX_ROW_BLOCKS = 8
+
+
+def causal_row_blocks(mask: Mask, q_len: int, k_len: int
+                      ) -> list[tuple[int, int, int, int]]:
+  """Static query-row blocks and the keys they can see, for causal masks.
+
+  Query rows [q0, q1) of a causal mask see no key at or past k1 (and, with a
+  window, none before k0), so a dense variant can skip the score matrix's
+  upper triangle: with n blocks it computes (n + 1) / 2n of it (62.5% for
+  L = 200, n = 4). Not causal, or too few rows: one block, all keys.
+
+  Returns:
+    `[(q0, q1, k0, k1)]` covering queries 0..q_len in order.
+  """
+  n = min(MAX_ROW_BLOCKS, q_len // MIN_ROWS) if mask.causal else 1
+  if n <= 1:
+    return [(0, q_len, 0, k_len)]
+  offset = k_len - q_len  # query i sits at key position i + offset
+  cuts = [round(i * q_len / n) for i in range(n + 1)]
+  out = []
+  for q0, q1 in zip(cuts[:-1], cuts[1:]):
+    k0 = 0 if mask.window is None else max(0, q0 + offset - mask.window + 1)
+    out.append((q0, q1, k0, min(k_len, q1 + offset)))
+  return out
