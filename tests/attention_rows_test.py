@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from recattn.attention import biases
 from recattn.attention import hstu
 from recattn.attention import masks
 from recattn.attention import relative
@@ -106,3 +107,25 @@ def test_by_rows_matches_the_reference_with_gradients(
     for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
       if g.dtype != jax.dtypes.float0:  # timestamps have no gradient
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5, err_msg=kind)
+
+
+@pytest.mark.parametrize("logits_shape,bias_shape", [
+    ((4, 2, 5, 6), (1, 2, 5, 6)),  # shared by the batch: the dot path
+    ((4, 2, 5, 6), (1, 1, 5, 6)),  # and by the heads
+    ((4, 2, 5, 6), (4, 2, 5, 6)),  # per example: plain +
+    ((1, 2, 5, 6), (1, 2, 5, 6)),
+    ((4, 3, 2, 5, 6), (1, 3, 2, 5, 6)),  # local's [B, nq, H, w, 2w] tiles
+])
+def test_bias_add_matches_broadcasting_with_gradients(logits_shape,
+                                                      bias_shape):
+  r = np.random.default_rng(0)
+  x = jnp.asarray(r.normal(size=logits_shape), jnp.float32)
+  b = jnp.asarray(r.normal(size=bias_shape), jnp.float32)
+  w = jnp.asarray(r.normal(size=logits_shape), jnp.float32)
+  loss = lambda add: lambda x, b: jnp.sum(jnp.sin(add(x, b)) * w)
+  got = jax.jit(jax.value_and_grad(loss(biases.add), argnums=(0, 1)))(x, b)
+  want = jax.value_and_grad(loss(jnp.add), argnums=(0, 1))(x, b)
+  for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert g.shape == e.shape
+    np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-5)
+  assert biases.add(x, None) is x

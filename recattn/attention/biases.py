@@ -42,3 +42,38 @@ def dense(bias, q_len: int, k_len: int):
   if bias is None or not isinstance(bias, Bias):
     return bias
   return bias.tile(jnp.arange(q_len) + (k_len - q_len), jnp.arange(k_len))
+
+
+def add(logits: jax.Array, bias) -> jax.Array:
+  """`logits + bias` for a dense bias broadcast over the batch, or None.
+
+  Same value as `+`; the gradient of a bias shared by the batch (`[1, ...]`)
+  is summed over the batch by a dot with ones, because XLA:CPU reduces a
+  `[B, H, L, L]` cotangent over its leading axis about 60x slower (130 ms
+  against 2 ms at B=128, H=2, L=200: the position bias cost a third of an
+  HSTU block's training step).
+  """
+  if bias is None:
+    return logits
+  bias = bias.astype(logits.dtype)
+  if bias.ndim != logits.ndim or bias.shape[0] != 1 or logits.shape[0] == 1:
+    return logits + bias
+  batch, shape = logits.shape[0], bias.shape
+
+  @jax.custom_vjp
+  def broadcast_add(x, b):
+    return x + b
+
+  def fwd(x, b):
+    return x + b, None
+
+  def bwd(_, g):
+    rows = g.reshape(batch, -1)
+    summed = (jnp.ones((1, batch), g.dtype) @ rows).reshape((1,) + g.shape[1:])
+    # Any other broadcast axes (e.g. one head's bias for all heads): small.
+    axes = tuple(a for a, n in enumerate(shape) if n == 1 and g.shape[a] != 1
+                 and a > 0)
+    return g, jnp.sum(summed, axis=axes, keepdims=True)
+
+  broadcast_add.defvjp(fwd, bwd)
+  return broadcast_add(logits, bias)

@@ -90,9 +90,7 @@ def _silu_tile(q, k, v, allowed, bias, *, alpha, normalizer, k_len):
   `allowed` `[B|1, 1, Tq, Tk]` or None and `bias` (dense) cover these
   queries and keys; `k_len` is the whole sequence's key count ("padded").
   """
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * alpha
-  if bias is not None:
-    logits = logits + bias.astype(logits.dtype)
+  logits = biases.add(jnp.einsum("bqhd,bkhd->bhqk", q, k) * alpha, bias)
   weights = jax.nn.silu(logits)
   if allowed is not None:
     weights = jnp.where(allowed, weights, 0.0)
@@ -149,9 +147,7 @@ def blockwise(q, k, v, mask: Mask, bias=None, *, alpha: float,
     k_pos = start + jnp.arange(block_k)
     allowed = mask.allowed(q_pos, k_pos, k_len)  # [B|1, 1, Lq, T]
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k_blk) * alpha
-    bias_blk = biases.tile(bias, q_pos, k_pos, k_len)
-    if bias_blk is not None:
-      logits = logits + bias_blk.astype(logits.dtype)
+    logits = biases.add(logits, biases.tile(bias, q_pos, k_pos, k_len))
     w = jnp.where(allowed, jax.nn.silu(logits), 0.0)
     acc = acc + jnp.einsum("bhqk,bkhd->bqhd", w, v_blk,
                            preferred_element_type=acc_dtype)

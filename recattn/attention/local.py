@@ -135,7 +135,7 @@ def local(
   logits = jnp.einsum("bnqhd,bnkhd->bnhqk", qb, kb,
                       preferred_element_type=jnp.float32) * scale
   if tile_bias is not None:
-    logits = logits + jnp.moveaxis(tile_bias, 0, 1).astype(jnp.float32)
+    logits = biases.add(logits, jnp.moveaxis(tile_bias, 0, 1))
   logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
   m = jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))
   p = jnp.where(allowed, jnp.exp(logits - m), 0.0)

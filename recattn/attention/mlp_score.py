@@ -29,9 +29,7 @@ from recattn.attention.masks import Mask
 
 def _softmax_pool(scores, v, mask, bias):
   lq, lk = scores.shape[-2:]
-  bias = biases.dense(bias, lq, lk)
-  if bias is not None:
-    scores = scores + bias
+  scores = biases.add(scores, biases.dense(bias, lq, lk))
   dense = mask.dense(lq, lk)
   if dense is not None:
     scores = jnp.where(dense, scores, jnp.finfo(scores.dtype).min)

@@ -41,9 +41,7 @@ def _softmax_tile(qh, kh, vh, allowed, bias, dropout_rate=0.0,
 
   `qh` is already scaled; `allowed` `[B|1, 1, Tq, Tk]` or None; `bias` dense.
   """
-  logits = jnp.einsum("bhqd,bhkd->bhqk", qh, kh)
-  if bias is not None:
-    logits = logits + bias
+  logits = biases.add(jnp.einsum("bhqd,bhkd->bhqk", qh, kh), bias)
   if allowed is not None:
     logits = jnp.where(allowed, logits, jnp.finfo(logits.dtype).min)
   weights = jax.nn.softmax(logits, axis=-1)
