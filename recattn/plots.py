@@ -5,6 +5,8 @@
   python -m recattn.plots cost_vs_length <bench.py results json> --out=<prefix>
   python -m recattn.plots curves <study dir | run workdirs ...> \
       --out=<prefix> [--metric=valid/full/ndcg@10] [--per_run]
+  python -m recattn.plots params <one variant's runs ...> --out=<prefix> \
+      [--metric=valid/full/ndcg@10]
 
 Each writes <prefix>.png (150 dpi) and <prefix>.svg, drawn only from the
 records (final_metrics.json, metrics.jsonl, run.json, config.json, env.json)
@@ -29,9 +31,10 @@ import matplotlib
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-KINDS = ("quality_cost", "cost_vs_length", "curves")
+KINDS = ("quality_cost", "cost_vs_length", "curves", "params")
 DEFAULT_METRIC = {"quality_cost": "test/full/ndcg@10",
-                  "curves": "valid/full/ndcg@10"}
+                  "curves": "valid/full/ndcg@10",
+                  "params": "valid/full/ndcg@10"}
 MIB = 2**20
 # final_metrics.json key -> (axis label, divisor).
 X_MEASURES = {
@@ -281,6 +284,95 @@ def curves_figure(groups: dict, metric: str, context: str = "",
   return fig
 
 
+def _config_value(workdir: str, field: str):
+  path = os.path.join(workdir, "config.json")
+  value = _read_json(path)
+  for part in field.split("."):
+    if not isinstance(value, dict) or part not in value:
+      raise PlotError(f"{path} has no field {field!r}")
+    value = value[part]
+  return value
+
+
+def load_params(paths: list[str], metric: str) -> tuple[dict, str, str]:
+  """One-at-a-time parameter runs around a centre (study 009's stage 1).
+
+  The centre is the label whose run.json overrides every other label's
+  overrides contain; every other label moves exactly one more field.
+
+  Returns:
+    ({field: [(value, [metric per seed], is the centre), ...] sorted by
+    value, the centre's value included}, centre label, description).
+  """
+  workdirs = find_workdirs(paths, "final_metrics.json")
+  groups = {}  # label -> (overrides, workdir of one seed, [metric])
+  for w in workdirs:
+    meta = os.path.join(w, "run.json")
+    if not os.path.exists(meta):
+      raise PlotError(f"{meta} does not exist: a params plot reads each "
+                      "run's overrides from the sweep's run.json")
+    record, final = _read_json(meta), _read_json(
+        os.path.join(w, "final_metrics.json"))
+    if not isinstance(final.get(metric), (int, float)):
+      raise PlotError(f"metric {metric!r} not in "
+                      f"{os.path.join(w, 'final_metrics.json')}")
+    overrides, _, values = groups.setdefault(
+        record["label"], (record["overrides"], w, []))
+    values.append(final[metric])
+  items = {label: {(k, json.dumps(v)) for k, v in o.items()}
+           for label, (o, _, _) in groups.items()}
+  centres = [a for a in items if all(items[a] <= items[b] for b in items)]
+  if len(centres) != 1:
+    raise PlotError(f"no single centre among {sorted(items)}: one label's "
+                    "overrides must be contained in every other label's")
+  centre = centres[0]
+  axes = {}
+  for label, (overrides, _, values) in groups.items():
+    if label == centre:
+      continue
+    moved = sorted(k for k, _ in items[label] - items[centre])
+    if len(moved) != 1:
+      raise PlotError(f"run {label} differs from the centre {centre} in "
+                      f"{moved}; a params plot moves one field at a time")
+    axes.setdefault(moved[0], []).append((overrides[moved[0]], values,
+                                          False))
+  for field, points in axes.items():
+    points.append((_config_value(groups[centre][1], field),
+                   groups[centre][2], True))
+    points.sort(key=lambda p: p[0])
+  return dict(sorted(axes.items())), centre, describe_runs(workdirs)
+
+
+def params_figure(axes: dict, centre: str, metric: str,
+                  context: str = "") -> Figure:
+  """One panel per field: mean ± std over seeds per value; centre in black."""
+  if not axes:
+    raise PlotError(f"only the centre {centre} has finished runs")
+  cols = min(4, len(axes))
+  rows = -(-len(axes) // cols)
+  fig = _figure((3.2 * cols, 2.8 * rows + 0.6))
+  panels = fig.subplots(rows, cols, sharey=True, squeeze=False).ravel()
+  for ax, (field, points) in zip(panels, axes.items()):
+    for x, (_, ys, is_centre) in enumerate(points):
+      err = statistics.stdev(ys) if len(ys) > 1 else None
+      ax.errorbar(x, statistics.fmean(ys), yerr=err, fmt="o", capsize=3,
+                  color="black" if is_centre else "C0")
+    ax.plot(range(len(points)),
+            [statistics.fmean(ys) for _, ys, _ in points], color="C0",
+            alpha=0.5)
+    ax.set_xticks(range(len(points)), [f"{v:g}" if isinstance(v, float)
+                                       else str(v) for v, _, _ in points])
+    ax.set_title(field, fontsize=9)
+    ax.grid(alpha=0.3)
+  for ax in panels[len(axes):]:
+    ax.set_visible(False)
+  for ax in panels[::cols]:
+    ax.set_ylabel(metric_text(metric), fontsize=8)
+  fig.suptitle(f"One parameter at a time around {centre} ({context})\n"
+               "mean over seeds, bars = std when n > 1", fontsize=10)
+  return fig
+
+
 def _figure(size) -> Figure:
   """A figure on an Agg canvas, outside pyplot: no GUI, no global state."""
   fig = Figure(figsize=size, layout="constrained")
@@ -302,6 +394,9 @@ def make_figure(kind: str, paths: list[str], metric: str | None = None,
     if len(paths) != 1:
       raise PlotError("cost_vs_length takes one results json")
     return cost_vs_length_figure(load_bench(paths[0]))
+  if kind == "params":
+    axes, centre, context = load_params(paths, metric)
+    return params_figure(axes, centre, metric, context)
   groups, context = load_curves(paths, metric)
   return curves_figure(groups, metric, context, per_run)
 

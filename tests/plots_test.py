@@ -60,17 +60,18 @@ def study(tmp_path):
   return str(tmp_path / "study")
 
 
-def _figure_args(kind, study):
+def _figure_args(kind, study, params_study=None):
   return {"quality_cost": [study], "curves": [study],
-          "cost_vs_length": [str(BENCH)]}[kind]
+          "cost_vs_length": [str(BENCH)],
+          "params": [str(params_study.parent)]}[kind]
 
 
 @pytest.mark.parametrize("kind", plots.KINDS)
-def test_writes_png_and_reproducible_svg(kind, study, tmp_path):
+def test_writes_png_and_reproducible_svg(kind, study, params_study, tmp_path):
   prefix = str(tmp_path / "out" / kind)
   svgs = []
   for _ in range(2):
-    fig = plots.make_figure(kind, _figure_args(kind, study))
+    fig = plots.make_figure(kind, _figure_args(kind, study, params_study))
     png, svg = plots.save(fig, prefix, description=f"cmd {kind}")
     svgs.append(pathlib.Path(svg).read_bytes())
   assert pathlib.Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -195,3 +196,50 @@ def test_cli_writes_files_and_fails_in_one_line(study, tmp_path):
   assert bad.stderr.strip().splitlines()[-1] == (
       "error: metric 'test/full/ndcg@11' not in "
       f"{study}/runs/a__seed0/final_metrics.json")
+
+
+def _params_run(runs, label, overrides, seed, ndcg):
+  w = make_run(runs / f"{label}__seed{seed}")
+  final_path = pathlib.Path(w) / "final_metrics.json"
+  final = json.loads(final_path.read_text())
+  final[VALID] = ndcg
+  final_path.write_text(json.dumps(final))
+  (pathlib.Path(w) / "run.json").write_text(json.dumps(
+      {"study": "009", "label": label, "seed": seed, "config": "c.py",
+       "overrides": overrides, "command": []}))
+
+
+@pytest.fixture
+def params_study(tmp_path):
+  runs = tmp_path / "params" / "runs"
+  centre = {"model.attention": "linear"}
+  for seed, ndcg in enumerate((0.10, 0.12, 0.14)):
+    _params_run(runs, "c", centre, seed, ndcg)
+  _params_run(runs, "c_h2", {**centre, "model.num_heads": 2}, 0, 0.2)
+  _params_run(runs, "c_h5", {**centre, "model.num_heads": 5}, 0, 0.05)
+  _params_run(runs, "c_lr", {**centre, "optimizer.lr": 0.003}, 0, 0.3)
+  return runs
+
+
+def test_params_panels_hold_the_centre_and_its_one_field_moves(params_study):
+  axes, centre, _ = plots.load_params([str(params_study.parent)], VALID)
+  assert centre == "c"
+  # the centre's own values come from its config.json (1 head, lr 1e-3)
+  assert axes == {
+      "model.num_heads": [(1, [0.10, 0.12, 0.14], True), (2, [0.2], False),
+                          (5, [0.05], False)],
+      "optimizer.lr": [(0.001, [0.10, 0.12, 0.14], True), (0.003, [0.3],
+                                                           False)]}
+  fig = plots.params_figure(axes, centre, VALID)
+  first = fig.axes[0]
+  assert first.get_title() == "model.num_heads"
+  assert [t.get_text() for t in first.get_xticklabels()] == ["1", "2", "5"]
+
+
+def test_params_refuses_runs_that_move_two_fields(params_study):
+  _params_run(params_study, "c_two", {"model.attention": "linear",
+                                      "model.num_heads": 2,
+                                      "optimizer.lr": 0.003}, 0, 0.3)
+  with pytest.raises(plots.PlotError, match=r"run c_two differs from the "
+                     r"centre c in \['model.num_heads', 'optimizer.lr'\]"):
+    plots.load_params([str(params_study.parent)], VALID)
