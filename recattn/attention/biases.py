@@ -49,9 +49,9 @@ def add(logits: jax.Array, bias) -> jax.Array:
 
   Same value as `+`; the gradient of a bias shared by the batch (`[1, ...]`)
   is summed over the batch by a dot with ones, because XLA:CPU reduces a
-  `[B, H, L, L]` cotangent over its leading axis about 60x slower (130 ms
-  against 2 ms at B=128, H=2, L=200: the position bias cost a third of an
-  HSTU block's training step).
+  `[B, H, L, L]` cotangent over its leading axis far more slowly (at B=128,
+  H=2, L=200 it cost a third of an HSTU block's training step with a
+  position bias; `experiments/000_speed_lean_step/cpu_attention_paths.py`).
   """
   if bias is None:
     return logits
