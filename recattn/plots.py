@@ -143,8 +143,12 @@ def load_quality_cost(paths, metric, x) -> tuple[dict, str]:
 
 def quality_cost_figure(groups: dict, metric: str, x: str,
                         context: str = "") -> Figure:
-  """One labelled point per label: mean over seeds, error bars = std."""
-  fig = _figure((7, 5))
+  """One point per label: mean over seeds, error bars = std.
+
+  Points carry their row number; the legend below the axes maps numbers to
+  labels, so long labels never overlap the data.
+  """
+  fig = _figure((8, 5 + 0.18 * len(groups)))
   ax = fig.add_subplot()
   for i, (label, points) in enumerate(groups.items()):
     xs, ys = zip(*points)
@@ -152,10 +156,11 @@ def quality_cost_figure(groups: dict, metric: str, x: str,
     ex, ey = ((statistics.stdev(xs), statistics.stdev(ys)) if len(points) > 1
               else (None, None))
     ax.errorbar(mx, my, xerr=ex, yerr=ey, fmt=_MARKERS[i % 10],
-                color=f"C{i % 10}", capsize=3)
-    ax.annotate(label + (f" (n={len(points)})" if len(points) > 1 else ""),
-                (mx, my), xytext=(5, 4), textcoords="offset points",
-                fontsize=8)
+                color=f"C{i % 10}", capsize=3, label=f"{i + 1}: {label}" + (
+                    f" (n={len(points)})" if len(points) > 1 else ""))
+    ax.annotate(str(i + 1), (mx, my), xytext=(5, 4),
+                textcoords="offset points", fontsize=8)
+  fig.legend(loc="outside lower center", fontsize=7, ncols=1, frameon=False)
   ax.set_xlabel(X_MEASURES[x][0])
   ax.set_ylabel(metric_text(metric))
   ax.set_title(f"Quality vs training cost ({context})\n"

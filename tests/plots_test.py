@@ -87,8 +87,10 @@ def test_quality_cost_groups_seeds_by_label(study):
   assert context == "ml-1m-seq; seen items filtered; cpu x1"
   ax = plots.quality_cost_figure(groups, NDCG, "train/s_per_epoch").axes[0]
   points = {t.get_text(): t.xy for t in ax.texts}
-  assert points["a (n=2)"] == pytest.approx((12.0, 0.12))
-  assert points["b"] == pytest.approx((30.0, 0.20))
+  assert points["1"] == pytest.approx((12.0, 0.12))
+  assert points["2"] == pytest.approx((30.0, 0.20))
+  legend = ax.figure.legends[0]
+  assert [t.get_text() for t in legend.get_texts()] == ["1: a (n=2)", "2: b"]
   assert ax.get_ylabel() == "test NDCG@10, full ranking"
   assert ax.get_xlabel() == "training time per epoch, median (s)"
 
