@@ -388,16 +388,16 @@ def execute(runs: list[Run], jobs: int = 1) -> list[Run]:
   return sorted(failed, key=lambda run: index[run.name])
 
 
-def _expand() -> list[Run]:
-  """The sweep's runs after --only, checked; exits with a one-line error."""
+def _expand(sweep_path: str, root: str | None, only: str | None
+            ) -> list[Run]:
+  """The sweep's runs after `only`, checked; exits with a one-line error."""
   try:
-    runs = load_runs(FLAGS.sweep, FLAGS.root)
-    if FLAGS.only is not None:
-      runs = [run for run in runs if FLAGS.only in run.name]
+    runs = load_runs(sweep_path, root)
+    if only is not None:
+      runs = [run for run in runs if only in run.name]
       if not runs:
-        raise SweepError(f"{FLAGS.sweep}: no run name contains "
-                         f"{FLAGS.only!r}")
-    check(runs, FLAGS.sweep)
+        raise SweepError(f"{sweep_path}: no run name contains {only!r}")
+    check(runs, sweep_path)
   except SweepError as e:
     raise SystemExit(f"error: {e}") from None
   return runs
@@ -406,37 +406,49 @@ def _expand() -> list[Run]:
 _MAX_STAGES = 20
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  runs = _expand()
-  if FLAGS.list:
-    print("\n".join(shlex.join(run.command) for run in runs))
-    return
-  if FLAGS.dry_run:
-    for i, run in enumerate(runs, 1):
-      what = ("skip (done)" if run.finished() else "would resume" if
-              os.path.isdir(os.path.join(run.workdir, "ckpt")) else "would run")
-      print(f"[{i}/{len(runs)}] {run.name}: {what}\n"
-            f"  {shlex.join(run.command)}")
-    return
-  if FLAGS.jobs < 1:
-    raise SystemExit(f"error: --jobs={FLAGS.jobs} must be >= 1")
+def run_all(sweep_path: str, root: str | None = None, only: str | None = None,
+            jobs: int = 1) -> None:
+  """Trains every unfinished run, stage after stage (see the docstring).
+
+  Raises:
+    SystemExit: with a one-line error, or the list of failed runs.
+  """
+  if jobs < 1:
+    raise SystemExit(f"error: --jobs={jobs} must be >= 1")
+  runs = _expand(sweep_path, root, only)
   for stage in range(1, _MAX_STAGES + 1):
-    failed = execute(runs, FLAGS.jobs)
+    failed = execute(runs, jobs)
     if failed:
       raise SystemExit(f"FAILED {len(failed)} of {len(runs)} runs (see "
                        "their log.txt):\n" +
                        "\n".join(r.workdir for r in failed))
     known = {run.name for run in runs}
-    runs = _expand()  # a staged sweep file may add runs now
+    runs = _expand(sweep_path, root, only)  # a staged file may add runs now
     added = [run.name for run in runs if run.name not in known]
     if not added:
       return
     print(f"stage {stage + 1}: the sweep adds {len(added)} run(s): "
           f"{', '.join(added)}", flush=True)
-  raise SystemExit(f"error: {FLAGS.sweep}: still adding runs after "
+  raise SystemExit(f"error: {sweep_path}: still adding runs after "
                    f"{_MAX_STAGES} stages")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  f = FLAGS
+  if not (f.list or f.dry_run):
+    run_all(f.sweep, f.root, f.only, f.jobs)
+    return
+  runs = _expand(f.sweep, f.root, f.only)
+  if f.list:
+    print("\n".join(shlex.join(run.command) for run in runs))
+    return
+  for i, run in enumerate(runs, 1):
+    what = ("skip (done)" if run.finished() else "would resume" if
+            os.path.isdir(os.path.join(run.workdir, "ckpt")) else "would run")
+    print(f"[{i}/{len(runs)}] {run.name}: {what}\n"
+          f"  {shlex.join(run.command)}")
 
 
 if __name__ == "__main__":

@@ -347,17 +347,8 @@ def test_best_ranks_on_validation_only(tmp_path):
     sweep.best([a], "valid/full/mrr")
 
 
-@pytest.fixture
-def cli_flags():
-  from absl import flags
-  if "sweep" not in flags.FLAGS:
-    sweep._define_flags()
-  yield lambda *args: flags.FLAGS(["recattn.sweep", *args])
-  flags.FLAGS.unparse_flags()
-
-
 def test_a_staged_sweep_runs_the_runs_each_stage_adds(
-    tmp_path, monkeypatch, capsys, cli_flags):
+    tmp_path, monkeypatch, capsys):
   path = _sweep_file(tmp_path, """
       import os
       from recattn import sweep
@@ -383,14 +374,13 @@ def test_a_staged_sweep_runs_the_runs_each_stage_adds(
     return 0
 
   monkeypatch.setattr(sweep.subprocess, "call", fake_main)
-  cli_flags(f"--sweep={path}")
-  sweep.main(["recattn.sweep"])
+  sweep.run_all(path)
   assert trained == ["test__seed0", "test__model.dropout=0.1__seed0",
                      "test__model.dropout=0.1__seed1",
                      "test__model.dropout=0.1__seed2"]
   assert ("stage 2: the sweep adds 2 run(s): test__model.dropout=0.1__seed1, "
           "test__model.dropout=0.1__seed2") in capsys.readouterr().out
-  sweep.main(["recattn.sweep"])  # everything done: nothing more to train
+  sweep.run_all(path)  # everything done: nothing more to train
   assert len(trained) == 4
 
 
