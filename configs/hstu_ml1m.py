@@ -12,7 +12,10 @@ but `ml-1m-seq` has no timestamps, so only the position part is used here.
   python -m recattn.main --config=configs/hstu_ml1m.py:large \
       --workdir=runs/hstu_ml1m_large
 
-Not run yet: no result to report.
+Result of `:large`, seed 0 (2-core CPU, 2026-11-30; records in
+experiments/003_attention_variants/runs/hstu_ml1m_large__seed0): selected on
+validation at epoch 100, test full ranking (seen items removed) NDCG@10
+0.1614, HR@10 0.2925.
 """
 
 from configs import sasrec_ml1m
