@@ -90,9 +90,8 @@ class Run:
 
   @property
   def config_flags(self) -> list[str]:
-    fields = {**dict(sorted(self.overrides.items())), "seed": self.seed}
-    return [f"--config={self.config}"] + [
-        f"--config.{k}={format_value(v)}" for k, v in fields.items()]
+    return _config_flags(self.config, {**dict(sorted(self.overrides.items())),
+                                       "seed": self.seed})
 
   @property
   def command(self) -> list[str]:
@@ -109,6 +108,12 @@ class Run:
 
   def finished(self) -> bool:
     return os.path.exists(os.path.join(self.workdir, "final_metrics.json"))
+
+
+def _config_flags(config: str, fields: dict) -> list[str]:
+  """`recattn.main`'s --config flags for `config` with `fields` set."""
+  return [f"--config={config}"] + [
+      f"--config.{k}={format_value(v)}" for k, v in fields.items()]
 
 
 def format_value(value) -> str:
@@ -261,8 +266,7 @@ def _fields(config: config_dict.ConfigDict, prefix: str = "") -> dict:
 def build_config(config: str, overrides: dict | None = None
                  ) -> config_dict.ConfigDict:
   """The config `recattn.main` would train: `config` with `overrides`."""
-  return _parse_config([f"--config={config}"] + [
-      f"--config.{k}={format_value(v)}" for k, v in (overrides or {}).items()])
+  return _parse_config(_config_flags(config, overrides or {}))
 
 
 def best(runs: list[Run], metric: str = "valid/full/ndcg@10") -> list[Run]:

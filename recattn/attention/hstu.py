@@ -112,15 +112,10 @@ def by_rows(q, k, v, mask: Mask, bias=None, *, alpha: float,
   normaliser's counts are unchanged.
   """
   q_len, k_len = q.shape[1], k.shape[1]
-  outs = []
-  for q0, q1, k0, k1 in masks.causal_row_blocks(mask, q_len, k_len):
-    q_pos = jnp.arange(q0, q1) + (k_len - q_len)
-    k_pos = jnp.arange(k0, k1)
-    out, _ = _silu_tile(q[:, q0:q1], k[:, k0:k1], v[:, k0:k1],
-                        mask.allowed(q_pos, k_pos, k_len),
-                        biases.tile(bias, q_pos, k_pos, k_len), alpha=alpha,
-                        normalizer=normalizer, k_len=k_len)
-    outs.append(out)
+  outs = [_silu_tile(q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], allowed, tile,
+                     alpha=alpha, normalizer=normalizer, k_len=k_len)[0]
+          for q0, q1, k0, k1, allowed, tile in masks.causal_row_tiles(
+              mask, bias, q_len, k_len)]
   return jnp.concatenate(outs, axis=1)
 
 

@@ -14,6 +14,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from recattn.attention import biases
+
 
 @functools.partial(
     jax.tree_util.register_dataclass, data_fields=["key_valid"],
@@ -122,3 +124,16 @@ def causal_row_blocks(mask: Mask, q_len: int, k_len: int
     k0 = 0 if mask.window is None else max(0, q0 + offset - mask.window + 1)
     out.append((q0, q1, k0, min(k_len, q1 + offset)))
   return out
+
+
+def causal_row_tiles(mask: Mask, bias, q_len: int, k_len: int):
+  """Yields `(q0, q1, k0, k1, allowed, bias_tile)` per causal row block.
+
+  `allowed` `[B|1, 1, q1 - q0, k1 - k0]` and the dense `bias_tile` (or None)
+  cover that block's queries and keys, in key coordinates as `Mask.allowed`.
+  """
+  for q0, q1, k0, k1 in causal_row_blocks(mask, q_len, k_len):
+    q_pos = jnp.arange(q0, q1) + (k_len - q_len)
+    k_pos = jnp.arange(k0, k1)
+    yield (q0, q1, k0, k1, mask.allowed(q_pos, k_pos, k_len),
+           biases.tile(bias, q_pos, k_pos, k_len))

@@ -83,14 +83,10 @@ def by_rows(q, k, v, mask: Mask, bias=None, *, scale: float) -> jax.Array:
   """
   qh, kh, vh = _heads_first(q, k, v, scale)
   q_len, k_len = q.shape[1], k.shape[1]
-  outs = []
-  for q0, q1, k0, k1 in masks.causal_row_blocks(mask, q_len, k_len):
-    q_pos = jnp.arange(q0, q1) + (k_len - q_len)
-    k_pos = jnp.arange(k0, k1)
-    out, _ = _softmax_tile(qh[:, :, q0:q1], kh[:, :, k0:k1], vh[:, :, k0:k1],
-                           mask.allowed(q_pos, k_pos, k_len),
-                           biases.tile(bias, q_pos, k_pos, k_len))
-    outs.append(out)
+  outs = [_softmax_tile(qh[:, :, q0:q1], kh[:, :, k0:k1], vh[:, :, k0:k1],
+                        allowed, tile)[0]
+          for q0, q1, k0, k1, allowed, tile in masks.causal_row_tiles(
+              mask, bias, q_len, k_len)]
   return jnp.swapaxes(jnp.concatenate(outs, axis=2), 1, 2)
 
 
