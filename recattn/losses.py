@@ -171,6 +171,8 @@ def chunked_log_partition(h: jax.Array, table: jax.Array, chunk: int):
   2 * P * ceil((V + 1) / chunk) saved carries; time O(P * V * D), as the
   full softmax (plus one recomputation of the logits in the backward pass).
   """
+  batch_shape = h.shape[:-1]
+  h = h.reshape(-1, h.shape[-1])  # 2-D matmuls: faster on XLA:CPU
   rows = table.shape[0]
   chunk = min(chunk, rows)
   num_blocks = -(-rows // chunk)
@@ -184,8 +186,7 @@ def chunked_log_partition(h: jax.Array, table: jax.Array, chunk: int):
     ids = first + jnp.arange(chunk)
     keep = (ids >= i * chunk) & (ids > 0)
     vectors = lax.dynamic_slice_in_dim(table, first, chunk)
-    logits = jnp.where(keep, jnp.einsum("...d,cd->...c", h, vectors),
-                       -jnp.inf)
+    logits = jnp.where(keep, h @ vectors.T, -jnp.inf)
     # The max only stabilises the exponentials; the result does not depend
     # on it, so it carries no gradient (which also keeps -inf out of it).
     new_top = jnp.maximum(top, lax.stop_gradient(jnp.max(logits, -1)))
@@ -197,7 +198,7 @@ def chunked_log_partition(h: jax.Array, table: jax.Array, chunk: int):
   start = (jnp.full(h.shape[:-1], -jnp.inf, h.dtype),
            jnp.zeros(h.shape[:-1], h.dtype))
   (top, total), _ = lax.scan(body, start, jnp.arange(num_blocks))
-  return top + jnp.log(total)
+  return (top + jnp.log(total)).reshape(batch_shape)
 
 
 def gbce_beta(num_negatives: int, num_items: int, t: float) -> float:
@@ -256,10 +257,21 @@ def gbce(model, h, targets, rng, config, log_q):
 
 
 def softmax(model, h, targets, rng, config, log_q):
-  """Full softmax over every item (exact; O(B L V) memory)."""
+  """Full softmax over every item (exact; O(B L V) memory).
+
+  The logits are one 2-D matmul `[B L, D] x [D, V]` against rows 1..V of
+  the table (no padding column to mask): on XLA:CPU the 3-D einsum
+  `bld,vd->blv` with the masked column and `take_along_axis` of the
+  positive took 2.3x as long, forward and backward
+  (experiments/000_speed_lean_step/softmax_loss.py).
+  """
   del rng, log_q
-  logits = jnp.einsum("bld,vd->blv", h, model.all_item_vectors())
-  return softmax_from_logits(logits / config.temperature, targets)
+  h = h / config.temperature
+  table = model.all_item_vectors()
+  logits = h.reshape(-1, h.shape[-1]) @ table[1:].T
+  log_z = jax.nn.logsumexp(logits, axis=-1).reshape(targets.shape)
+  pos = jnp.sum(h * table[targets], -1)
+  return _mean_over_valid(log_z - pos, targets)
 
 
 def softmax_chunked(model, h, targets, rng, config, log_q):

@@ -93,3 +93,27 @@ def test_scaled_dot_matches_float64_reference_with_padding():
 def test_unknown_attention_lists_valid_names():
   with pytest.raises(ValueError, match="valid names: .*scaled_dot"):
     attention.get("nope")
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 8), (2, 3, 4, 8), (8,), (4, 8)])
+def test_dense_flattened_matmul_equals_nnx_linear(shape):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from recattn.models import base  # pylint: disable=g-import-not-at-top
+  dense = base.Dense(8, 6, rngs=nnx.Rngs(0))
+  linear = nnx.Linear(8, 6, rngs=nnx.Rngs(0))
+  # Same parameters (names and shapes): checkpoints of either load into both.
+  assert (jax.tree.map(jnp.shape, nnx.state(dense, nnx.Param)) ==
+          jax.tree.map(jnp.shape, nnx.state(linear, nnx.Param)))
+  x = jax.random.normal(jax.random.key(1), shape)
+
+  def loss(m, x):
+    return jnp.sum(jnp.sin(m(x)))
+
+  got, got_grads = nnx.value_and_grad(loss, argnums=(0, 1))(dense, x)
+  want, want_grads = nnx.value_and_grad(loss, argnums=(0, 1))(linear, x)
+  assert dense(x).shape == shape[:-1] + (6,)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(base.matmul(x, dense.kernel[...]),
+                             x @ dense.kernel[...], rtol=1e-5, atol=1e-6)

@@ -36,6 +36,33 @@ REL_BIASES = ("none", "position", "alibi", "time", "position+time")
 POSITIONS = ("right", "left", "none")
 
 
+# Dense layers multiply `[..., D]` inputs as one 2-D matmul `[N, D] x [D, E]`
+# (leading axes flattened). XLA:CPU lowers the gradient of a 3-D
+# `dot_general` (`[B, L, D]` contracting D) with a transposed copy of the
+# `[B, L, E]` cotangent; flattened, a Linear layer's backward pass took a
+# third of the time (experiments/000_speed_lean_step/cpu_matmul_layout.py).
+# The values are the same; False restores nnx.Linear's 3-D form (for that
+# benchmark).
+FLATTEN_DENSE = True
+
+
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+  """`x @ w` for `x: [..., D]`, `w: [D, E]`, as one 2-D matmul."""
+  if not FLATTEN_DENSE or x.ndim <= 2:
+    return x @ w
+  return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
+
+
+class Dense(nnx.Linear):
+  """`nnx.Linear` (same parameters) whose matmul is `matmul`'s 2-D one."""
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if not FLATTEN_DENSE or x.ndim <= 2:
+      return super().__call__(x)
+    y = super().__call__(x.reshape(-1, x.shape[-1]))
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 # Relative biases a ranking head allows: candidates all sit at the slot after
 # the history, but a bias computed from key indices would place the j-th
 # candidate j slots further; time buckets depend on timestamps only.
@@ -110,7 +137,7 @@ class SequenceRecommender(nnx.Module):
     # a candidate item is run through the blocks after the history, seeing
     # the history and itself; this maps its last-block output to one logit.
     self.rank_head = nnx.Sequential(
-        nnx.LayerNorm(dim, rngs=rngs), nnx.Linear(dim, 1, rngs=rngs)
+        nnx.LayerNorm(dim, rngs=rngs), Dense(dim, 1, rngs=rngs)
     ) if rank_head else None
 
   def target_logits(self, x: jax.Array) -> jax.Array:

@@ -39,10 +39,10 @@ class HSTUBlock(nnx.Module):
     self.num_heads = num_heads
     self.qk_dim = qk_dim
     self.v_dim = v_dim
-    self.uvqk = nnx.Linear(
+    self.uvqk = base.Dense(
         dim, num_heads * (2 * v_dim + 2 * qk_dim), use_bias=False,
         kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
-    self.out = nnx.Linear(num_heads * v_dim, dim,
+    self.out = base.Dense(num_heads * v_dim, dim,
                           kernel_init=nnx.initializers.xavier_uniform(),
                           rngs=rngs)
     self.core = attention.layer(variant, num_heads, qk_dim, attn_config,

@@ -15,11 +15,11 @@ from recattn import dropout as dropout_lib
 from recattn.models import base
 
 
-def _dense(n_in: int, n_out: int, rngs) -> nnx.Linear:
+def _dense(n_in: int, n_out: int, rngs) -> base.Dense:
   # PyTorch's default Linear init (uniform, bound 1/sqrt(fan_in)), as in the
   # reference SASRec implementations; flax's lecun_normal is sqrt(3) larger.
   init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
-  return nnx.Linear(n_in, n_out, kernel_init=init, rngs=rngs)
+  return base.Dense(n_in, n_out, kernel_init=init, rngs=rngs)
 
 
 class MultiHeadAttention(nnx.Module):
@@ -52,8 +52,8 @@ class MultiHeadAttention(nnx.Module):
       q, k, v = jnp.split(self.qkv(x), [nq, 2 * nq], axis=-1)
     else:
       w, w_b = self.qkv.kernel[...], self.qkv.bias[...]
-      q = x @ w[:, :nq] + w_b[:nq]
-      k, v = jnp.split(kv @ w[:, nq:] + w_b[nq:], [nq], axis=-1)
+      q = base.matmul(x, w[:, :nq]) + w_b[:nq]
+      k, v = jnp.split(base.matmul(kv, w[:, nq:]) + w_b[nq:], [nq], axis=-1)
     lk = k.shape[1]
     q = q.reshape(b, l, h, self.qk_dim)  # [B, L, H, Dk]
     k = k.reshape(b, lk, h, self.qk_dim)
