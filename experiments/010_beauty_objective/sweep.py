@@ -1,0 +1,37 @@
+"""Study 010: what does SASRec need on Beauty? (issue 4's Beauty bar)
+
+  python -m recattn.sweep --sweep=experiments/010_beauty_objective/sweep.py
+
+Starts from study 003's exact-softmax reference row on Beauty
+(`configs/sasrec_beauty.py` with `loss.name=softmax`: 2 blocks, d=64,
+dropout 0.5, max_len 50, batch 256, Adam 1e-3, unit-norm vectors with
+temperature 0.05, cross-entropy over all 12,101 items) and moves one thing
+at a time towards the training regime of BSARec's published Beauty run
+(src/output/BSARec_Beauty_best.log in yehjin-shin/BSARec: raw dot-product
+logits, Adam 5e-4, dropout 0.5 on the attention weights too, LayerNorm
+after each residual, and one training example per prefix, i.e. about
+eight times as many optimizer steps per epoch as one window per user):
+
+  logits        model.l2_norm=False, loss.temperature=1 (raw dot products)
+  batch         batch_size=64 (four times the steps per epoch)
+  lr            optimizer.lr=5e-4
+  attn_dropout  model.attn.dropout=0.5
+  post_norm     model.norm=post
+
+Seed 0 each, selected on validation full NDCG@10 like every study; the
+centre point is study 003's run `sasrec_beauty__loss.name=softmax__seed0`.
+"""
+
+POINTS = [
+    {"loss.name": "softmax", "model.l2_norm": False, "loss.temperature": 1.0},
+    {"loss.name": "softmax", "batch_size": 64},
+    {"loss.name": "softmax", "optimizer.lr": 5e-4},
+    {"loss.name": "softmax", "model.attn.dropout": 0.5},
+    {"loss.name": "softmax", "model.norm": "post"},
+]
+
+
+def get_sweep():
+  return {"name": "010_beauty_objective",
+          "configs": ["configs/sasrec_beauty.py"],
+          "overrides": POINTS, "seeds": [0]}
