@@ -24,7 +24,11 @@ def get_config():
   c = base.get_base_config()
   c.data.name = "beauty"
   c.data.max_len = 50
-  c.data.bucket_step = 10
+  # Beauty's windows are short (5.7 targets on average): cutting them to a
+  # multiple of 2 instead of 10 leaves 69% of the computed positions real
+  # instead of 42% (same batches; left padding does not change the model's
+  # outputs), at the price of 9 compiled window widths instead of 3.
+  c.data.bucket_step = 2
   c.model.num_blocks = 2
   c.model.num_heads = 1
   c.model.dim = 64
