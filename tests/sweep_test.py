@@ -395,8 +395,11 @@ def test_parameter_study_starts_from_the_two_best_variants_on_validation(
     tmp_path):
   study = _load_params_study()
   variants = sweep.load_runs(study.VARIANTS_SWEEP, root=str(tmp_path / "003"))
+  gpu_only = study._variants_module().GPU_ONLY  # pylint: disable=protected-access
+  assert {r.name for r in variants} >= set(gpu_only)
   ml1m = [r for r in variants if r.config in study.ML1M_CONFIGS and
-          r.seed == 0 and "loss.name" not in r.overrides]
+          r.seed == 0 and "loss.name" not in r.overrides and
+          r.name not in gpu_only]
   # Study 003's reference row with another loss is not a variant: never
   # waited for, never chosen (even with the best validation score).
   loss_rows = [r for r in variants if r.config in study.ML1M_CONFIGS and
@@ -429,6 +432,15 @@ def test_parameter_study_starts_from_the_two_best_variants_on_validation(
   assert len(linear["overrides"]) == 13 and len(hstu["overrides"]) == 15
   runs = sweep.load_runs_from_groups(groups, root, _PARAMS)
   sweep.check(runs, _PARAMS)  # every point builds a valid config
+
+  # A GPU-only row that finishes later and ranks first brings its own
+  # points into the study (every expansion re-plans).
+  din, = [r for r in variants if r.name == gpu_only[1]]
+  _finish(din, **{"valid/full/ndcg@10": 0.35})
+  replanned = study.plan(variants, str(tmp_path / "009b"))
+  assert [g["overrides"][0] for g in replanned] == [
+      {"model.attention": "din"}, {"model.attention": "linear"}]
+  os.remove(os.path.join(din.workdir, "final_metrics.json"))
 
   for run in runs[:13]:  # linear's stage 1 done: its best point gets 2 seeds
     best = run.overrides.get("optimizer.lr") == 0.003
