@@ -24,10 +24,9 @@ VARIANTS = [
 
 
 # Rows too slow for this project's 2-core CPU: their score network runs for
-# every (query, key) pair, [B, L, L, hidden] at L = 200. A train step at
-# B = 128, L = 200 took 6.5 s (additive) and 30 s (din) against 0.5 s for
-# scaled_dot (2026-11-30, CPU shared with a training run): 3-4 hours a run
-# for additive and about a day for din. They run when a GPU is lent
+# every (query, key) pair, [B, L, L, hidden] at L = 200: about 6 hours a
+# run for additive and 20 for din (estimate from study 002's benchmark; see
+# this study's README). They run when a GPU is lent
 # (experiments/gpu_checks.sh runs this sweep); study 009 does not wait for
 # them (see its sweep file).
 GPU_ONLY = ("sasrec_ml1m__model.attention=additive__seed0",
