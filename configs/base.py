@@ -77,6 +77,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.l2_norm = False  # unit-norm user states and item vectors
   # none | position (T5 buckets) | alibi | time | position+time (timestamps)
   c.model.rel_bias = "none"
+  # own | next: a time-interval bias measures from the query item's own time,
+  # or from the next item's (the prediction's; generative-recommenders' HSTU)
+  c.model.time_query = "own"
   c.model.qk_dim = 0  # per-head size of Q, K (d_k); 0 = dim / heads
   c.model.v_dim = 0  # hstu: per-head size of U, V; 0 = dim / heads
   c.model.kv_raw = False  # sasrec norm: keys/values from the un-normed input

@@ -66,6 +66,20 @@ def validate(config) -> None:
   _choice(config, "model.norm", sasrec.NORMS)
   _choice(config, "model.rel_bias", models_base.REL_BIASES)
   _choice(config, "model.positions", models_base.POSITIONS)
+  time_query = config.model.get("time_query", "own")
+  _require(time_query in models_base.TIME_QUERIES,
+           f"config.model.time_query={time_query!r}: allowed values are "
+           f"{list(models_base.TIME_QUERIES)}")
+  _require(time_query == "own" or models_base.uses_time(
+      config.model.rel_bias),
+           f"config.model.time_query={time_query!r} moves the query time of "
+           "a time-interval bias, but config.model.rel_bias="
+           f"{config.model.rel_bias!r} has none: use 'time' or "
+           "'position+time', or time_query 'own'")
+  _require(time_query == "own" or not config.model.get("rank_head", False),
+           "config.model.time_query='next' with config.model.rank_head=True: "
+           "the ranking head scores candidates from cached keys without the "
+           "next items' times; use time_query 'own'")
   _validate_attention_options(config)
   _choice(config, "data.train_windows", ("last", "all"))
   shards = config.data.get("process_shards", False)

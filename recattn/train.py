@@ -87,7 +87,7 @@ def make_train_step(graphdef, tx, loss_config, log_q):
       model = nnx.merge(graphdef, params)
       rngs = nnx.Rngs(dropout=dropout_rng)
       if not rank_weight:
-        kwargs = {"times": batch["times"]} if "times" in batch else {}
+        kwargs = {k: batch[k] for k in ("times", "query_times") if k in batch}
         h = model.encode(batch["inputs"], rngs=rngs, **kwargs)
         return loss_fn(model, h, batch["targets"], negatives_rng,
                        loss_config, log_q)
@@ -185,13 +185,16 @@ def shard_epoch_plan(lengths, local_batch: int, num_batches: int, epoch: int,
   return rows, widths
 
 
-def _train_batch(inputs, targets, times, rows, width, local):
+def _train_batch(inputs, targets, times, rows, width, local,
+                 query_times=None):
   """This process's rows `rows[local]` of a batch, last `width` steps."""
   rows = rows[local]
   batch = {"inputs": batching.take_rows(inputs, rows)[:, -width:],
            "targets": batching.take_rows(targets, rows)[:, -width:]}
   if times is not None:
     batch["times"] = batching.take_rows(times, rows)[:, -width:]
+  if query_times is not None:
+    batch["query_times"] = batching.take_rows(query_times, rows)[:, -width:]
   return batch
 
 
@@ -251,6 +254,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   times = (batching.train_times(ds, config.data.max_len,
                                 config.data.train_windows, train_holdout)
            if with_times else None)
+  time_query = config.model.get("time_query", "own")
+  # model.time_query="next": queries measure intervals from their target's
+  # time (see recattn.models.base.TIME_QUERIES).
+  query_times = (batching.train_times(ds, config.data.max_len,
+                                      config.data.train_windows,
+                                      train_holdout, shift=1)
+                 if with_times and time_query == "next" else None)
 
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.model)
   rules = tuple(tuple(rule) for rule in config.mesh.rules)
@@ -324,7 +334,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       filter_seen=config.eval.filter_seen,
       num_negatives=config.eval.num_negatives,
       negatives=config.eval.negatives, seed=config.eval.seed,
-      with_times=with_times, mesh=mesh, rules=rules,
+      with_times=with_times, time_query=time_query, mesh=mesh, rules=rules,
       process_shards=shards, item_counts=counts if shards else None,
       rank_head=config.model.get("rank_head", False))
   valid_eval = Evaluator(ds, "valid", **eval_kwargs)
@@ -367,7 +377,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         mine = local
       for rows, width in plan:
         batch = distributed.place(
-            _train_batch(inputs, targets, times, rows, int(width), mine),
+            _train_batch(inputs, targets, times, rows, int(width), mine,
+                         query_times),
             batch_sharding, config.batch_size)
         state, loss = step_fn(state, batch, base_rng)
         epoch_losses.append(loss)
@@ -429,7 +440,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
     widest[widest >= len(inputs)] = -1  # padding rows, as in epoch_batches
     widest_batch = distributed.place(
         _train_batch(inputs, targets, times, widest, config.data.max_len,
-                     slice(None) if shards else local), batch_sharding,
+                     slice(None) if shards else local, query_times),
+        batch_sharding,
         config.batch_size)
     peak = step_peak_bytes(step_fn, state, widest_batch, base_rng)
     final.update({

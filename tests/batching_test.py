@@ -115,6 +115,30 @@ def test_times_are_the_timestamps_of_the_input_items():
                                 history[history > 0])
 
 
+def test_shifted_times_are_those_of_each_query_s_next_item():
+  # model.time_query="next": a query's time is its target's (training) and,
+  # at the last history position, the held-out item's (evaluation).
+  ds = _ds()
+  ts = (100 * ds.items + np.arange(len(ds.items))).astype(np.int64) + 10**9
+  ds = SequenceDataset("toy", 9, ds.items, ds.offsets, ts, {})
+  base = ts.min()
+  item_of = lambda t: (t + base - 10**9) // 100
+  for windows in ("last", "all"):
+    inputs, targets = batching.train_arrays(ds, max_len=2, windows=windows)
+    times = batching.train_times(ds, max_len=2, windows=windows, shift=1)
+    np.testing.assert_array_equal(times[inputs == 0], 0)
+    np.testing.assert_array_equal(item_of(times[inputs > 0]),
+                                  targets[inputs > 0])
+  for split in ("valid", "test"):
+    history, held_out, _, _ = batching.eval_arrays(ds, split, max_len=4)
+    times = batching.eval_times(ds, split, max_len=4, shift=1)
+    own = batching.eval_times(ds, split, max_len=4)
+    np.testing.assert_array_equal(item_of(times[:, -1]), held_out)
+    real = history[:, :-1] > 0  # a real item's next one is the history's
+    np.testing.assert_array_equal(times[:, :-1][real], own[:, 1:][real])
+    np.testing.assert_array_equal(times[history == 0], 0)
+
+
 def test_times_of_a_dataset_without_timestamps_is_an_error():
   with pytest.raises(ValueError, match="no timestamps"):
     batching.train_times(_ds(), max_len=2)

@@ -117,3 +117,22 @@ def test_dense_flattened_matmul_equals_nnx_linear(shape):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(base.matmul(x, dense.kernel[...]),
                              x @ dense.kernel[...], rtol=1e-5, atol=1e-6)
+
+
+def test_query_times_move_only_the_time_bias_s_query_side():
+  cfg = ml_collections.ConfigDict(dict(
+      name="sasrec", attention="scaled_dot", num_blocks=2, num_heads=2,
+      dim=16, ffn_dim=0, dropout=0.0, norm="sasrec", l2_norm=False,
+      rel_bias="time"))
+  model = models.create(cfg, num_items=40, max_len=6, seed=0)
+  items = jnp.array([[0, 3, 5, 7, 9, 11]])
+  times = jnp.array([[0, 10, 500, 7000, 90000, 10**6]])
+  nxt = jnp.concatenate([times[:, 1:], jnp.array([[2 * 10**6]])], axis=1)
+  h = model.encode(items, times=times)
+  np.testing.assert_allclose(model.encode(items, times=times,
+                                          query_times=times), h, atol=1e-6)
+  moved = model.encode(items, times=times, query_times=nxt)
+  assert not np.allclose(moved[0, 1:], h[0, 1:], atol=1e-4)
+  # Causal: the next item's time of position t is all position t sees of t+1.
+  later = model.encode(items.at[0, 5].set(13), times=times, query_times=nxt)
+  np.testing.assert_allclose(later[0, :5], moved[0, :5], atol=1e-6)

@@ -22,6 +22,8 @@ from recattn import models
 from recattn import sharding
 from recattn import train
 from recattn.data import batching
+from recattn.models import base as models_base
+from recattn.serving import engine as serving_engine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -231,6 +233,44 @@ def test_time_bias_on_data_without_timestamps_names_the_field(
   with pytest.raises(config_check.ConfigError,
                      match="config.model.rel_bias='time' needs timestamps"):
     train.train_and_evaluate(c, str(tmp_path / "notime"))
+
+
+def test_time_query_next_trains_and_evaluates_from_the_next_item_s_time(
+    tmp_path, monkeypatch):
+  c = _config(tmp_path, num_epochs=1)
+  with c.unlocked():
+    c.model.rel_bias = "time"
+    c.model.time_query = "next"
+  seen = []
+  real_encode = models_base.SequenceRecommender.encode
+
+  def spy(self, items, **kwargs):
+    seen.append(kwargs.get("query_times") is not None)
+    return real_encode(self, items, **kwargs)
+
+  monkeypatch.setattr(models_base.SequenceRecommender, "encode", spy)
+  final = train.train_and_evaluate(c, str(tmp_path / "next"))
+  assert np.isfinite(final["test/full/ndcg@10"])
+  assert seen and all(seen)  # every training and evaluation pass
+  with pytest.raises(ValueError, match="time_query='next'"):
+    serving_engine.restore_model(str(tmp_path / "next"))
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"model.time_query": "target"}, "allowed values are"),
+    ({"model.time_query": "next"}, "rel_bias='none' has none"),
+    ({"model.time_query": "next", "model.rel_bias": "time",
+      "model.rank_head": True, "model.positions": "left",
+      "loss.rank_weight": 1.0}, "ranking head"),
+])
+def test_time_query_config_errors(tmp_path, changes, match):
+  c = _config(tmp_path)
+  with c.unlocked():
+    for field, value in changes.items():
+      section, name = field.split(".")
+      c[section][name] = value
+  with pytest.raises(config_check.ConfigError, match=match):
+    config_check.validate(c)
 
 
 def test_train_on_valid_trains_on_the_validation_item_and_selects_nothing(

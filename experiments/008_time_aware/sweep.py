@@ -21,6 +21,13 @@ def _group(data, seeds=(0,)):
           "overrides": BIASES, "seeds": list(seeds)}
 
 
+# Generative-recommenders' HSTU measures the time intervals from the time
+# of the prediction (the next item's timestamp; at evaluation the held-out
+# item's), not from the query item's own: model.time_query="next".
+REQUEST_TIME = [{"model.rel_bias": "position+time", "model.time_query": "next"}]
+
+
 def get_sweep():
   return [_group("ml-100k"), _group("synthetic"), _group("ml-1m-partial"),
-          _group("ml-100k", seeds=(1, 2))]
+          _group("ml-100k", seeds=(1, 2)),
+          {**_group("ml-1m-partial"), "overrides": REQUEST_TIME}]

@@ -82,16 +82,26 @@ def _relative_times(ds: SequenceDataset) -> np.ndarray:
 
 
 def train_times(ds: SequenceDataset, max_len: int, windows: str = "last",
-                holdout: int = 2):
-  """`[R, L] int32` timestamps (seconds) of `train_arrays`' inputs."""
+                holdout: int = 2, shift: int = 0):
+  """`[R, L] int32` timestamps (seconds) of `train_arrays`' inputs.
+
+  `shift=1`: of the item after each input, i.e. of its target (the query
+  times of `model.time_query="next"`), aligned with the inputs.
+  """
   starts, ends = _train_bounds(ds, max_len, windows, holdout)
-  return _windows(_relative_times(ds), starts, ends - 1, max_len)
+  return _windows(_relative_times(ds), starts + shift, ends - 1 + shift,
+                  max_len)
 
 
-def eval_times(ds: SequenceDataset, split: str, max_len: int):
-  """`[U, L] int32` timestamps (seconds) of `eval_arrays`' history."""
+def eval_times(ds: SequenceDataset, split: str, max_len: int,
+               shift: int = 0):
+  """`[U, L] int32` timestamps (seconds) of `eval_arrays`' history.
+
+  `shift=1`: of the item after each history item; at the last position
+  that is the held-out item's, the time of the prediction.
+  """
   starts, ends = _bounds(ds, split)
-  return _windows(_relative_times(ds), starts, ends, max_len)
+  return _windows(_relative_times(ds), starts + shift, ends + shift, max_len)
 
 
 def eval_arrays(ds: SequenceDataset, split: str, max_len: int):

@@ -115,8 +115,8 @@ def _full_ranking(h, vectors, targets, seen, *, filter_seen, mesh, rules,
 
 
 def _eval_batch(graphdef, params, totals, history, targets, seen, candidates,
-                weights, times=None, *, filter_seen: bool, mesh, rules,
-                k: int = 0):
+                weights, times=None, query_times=None, *, filter_seen: bool,
+                mesh, rules, k: int = 0):
   """`totals` plus this batch's weighted metric sums; with `k`, top-k ids."""
   model = nnx.merge(graphdef, params)
   ranker = getattr(model, "rank_head", None) is not None and not k
@@ -126,6 +126,8 @@ def _eval_batch(graphdef, params, totals, history, targets, seen, candidates,
   else:
     # Models without time-aware attention need not take `times`.
     kwargs = {} if times is None else {"times": times}
+    if query_times is not None:
+      kwargs["query_times"] = query_times
     h = model.encode(history, **kwargs)[:, -1]  # [B, D]
   ranks, target_scores, top = _full_ranking(
       h, model.all_item_vectors(), targets, seen, filter_seen=filter_seen,
@@ -164,7 +166,8 @@ class Evaluator:
 
   def __init__(self, ds, split: str, *, max_len: int, batch_size: int,
                filter_seen: bool, num_negatives: int, negatives: str,
-               seed: int, with_times: bool = False, mesh=None,
+               seed: int, with_times: bool = False, time_query: str = "own",
+               mesh=None,
                rules=sharding_lib.DEFAULT_RULES, process_shards: bool = False,
                item_counts: np.ndarray | None = None,
                rank_head: bool = False):
@@ -176,6 +179,10 @@ class Evaluator:
     # Item timestamps of the history, for time-aware attention biases.
     self.times = (batching.eval_times(ds, split, max_len) if with_times
                   else None)
+    # model.time_query="next": each query's time is the next item's, the
+    # held-out item's at the last position (the time of the prediction).
+    self.query_times = (batching.eval_times(ds, split, max_len, shift=1)
+                        if with_times and time_query == "next" else None)
     self.items = ds.items
     # One padded width for every batch keeps a single compiled program (the
     # same on every process: the array shapes are global).
@@ -261,6 +268,8 @@ class Evaluator:
       )
       if self.times is not None:
         batch += (self.times[safe],)
+      if self.query_times is not None:
+        batch += (self.query_times[safe],)
       yield (distributed.place(batch, self.sharding, self.batch_size), keep)
 
   def __call__(self, graphdef, params) -> dict[str, float]:

@@ -25,6 +25,19 @@ from recattn.attention import relative
 # timestamps), or positions and time together (HSTU's rab).
 REL_BIASES = ("none", "position", "alibi", "time", "position+time")
 
+# Where a time-interval bias measures a query's time from
+# (`model.time_query`):
+#   "own":  the query item's own timestamp (t_i - t_j): nothing about the
+#           item being predicted;
+#   "next": the next item's, i.e. the time of the prediction (t_{i+1} - t_j;
+#           at the last position, the held-out item's time), as in
+#           generative-recommenders' HSTU. The model learns how long ago
+#           each key was, seen from the request; offline the request time
+#           is the target's timestamp, which tells the model, for instance,
+#           whether the target came in the same burst as the last items.
+#           The data pipeline passes `query_times` (shifted by one item).
+TIME_QUERIES = ("own", "next")
+
 # Learned absolute positions (`model.positions`):
 #   "right": counted back from the most recent item, as in Kang's SASRec and
 #            generative-recommenders (the last item always has the same
@@ -201,12 +214,15 @@ class SequenceRecommender(nnx.Module):
         rank_head=get("rank_head", False),
     )
 
-  def attention_bias(self, times: jax.Array | None = None):
+  def attention_bias(self, times: jax.Array | None = None,
+                     query_times: jax.Array | None = None):
     """The relative attention bias shared by all blocks (or None).
 
     Args:
       times: `[B, L]` int timestamps (seconds) of the items; required by the
         time-interval bias, ignored otherwise.
+      query_times: `[B, L]` the times the queries measure intervals from
+        (`model.time_query="next"`: the next item's); None = `times`.
     """
     if self.rel_bias == "alibi":
       return relative.alibi(self.num_heads)
@@ -217,7 +233,7 @@ class SequenceRecommender(nnx.Module):
       if times is None:
         raise ValueError(f"model.rel_bias={self.rel_bias!r} needs item "
                          "timestamps: pass encode(items, times=...)")
-      parts.append(self.time_bias(times))
+      parts.append(self.time_bias(times, query_times))
     return relative.combine(*parts)
 
   def embed(self, items: jax.Array, rngs: nnx.Rngs | None):
@@ -258,6 +274,7 @@ class SequenceRecommender(nnx.Module):
       items: jax.Array,  # [B, L] int, left-padded with 0
       *,
       times: jax.Array | None = None,  # [B, L] int seconds, aligned
+      query_times: jax.Array | None = None,  # [B, L]; see TIME_QUERIES
       rngs: nnx.Rngs | None = None,
       return_weights: bool = False,
   ):
@@ -269,7 +286,7 @@ class SequenceRecommender(nnx.Module):
     x, valid = self.embed(items, rngs)
     keep = valid[..., None].astype(x.dtype)
     mask = attention.Mask(causal=True, key_valid=valid)
-    bias = self.attention_bias(times)
+    bias = self.attention_bias(times, query_times)
     weights = []
 
     def run(block, x, mask, bias, rngs):

@@ -150,6 +150,12 @@ def restore_model(workdir: str, which: str = "best"):
   # pylint: enable=g-import-not-at-top
   with open(os.path.join(workdir, "config.json")) as f:
     config = ml_collections.ConfigDict(json.load(f))
+  if config.model.get("time_query", "own") != "own":
+    raise ValueError(
+        f"{workdir}/config.json: model.time_query="
+        f"{config.model.time_query!r} measures attention from the time of "
+        "the next event, which the serving engine does not take; serve a "
+        "model trained with time_query 'own'")
   ds = data_lib.load(config.data)
   model = models.create(config.model, num_items=ds.num_items,
                         max_len=config.data.max_len, seed=config.seed)
