@@ -262,8 +262,8 @@ def softmax(model, h, targets, rng, config, log_q):
   The logits are one 2-D matmul `[B L, D] x [D, V]` against rows 1..V of
   the table (no padding column to mask): on XLA:CPU the 3-D einsum
   `bld,vd->blv` with the masked column and `take_along_axis` of the
-  positive took 2.3x as long, forward and backward
-  (experiments/000_speed_lean_step/softmax_loss.py).
+  positive took 2.1x as long, forward and backward
+  (experiments/000_speed_lean_step/cpu_matmul_layout.py).
   """
   del rng, log_q
   h = h / config.temperature
