@@ -187,15 +187,21 @@ def _check_group(where: str, group) -> None:
            f"{where}: 'seeds' has duplicates: {seeds}")
 
 
+def load_module(sweep_path: str):
+  """Executes a sweep file and returns it as a module (its constants too)."""
+  spec = importlib.util.spec_from_file_location("recattn_sweep_file",
+                                                sweep_path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def load_runs(sweep_path: str, root: str | None = None) -> list[Run]:
   """Reads a sweep file and expands it into runs, in order, deduplicated."""
   _require(os.path.isfile(sweep_path), f"{sweep_path}: no such file")
   root = root or os.path.join(os.path.dirname(sweep_path), "runs")
-  spec = importlib.util.spec_from_file_location("recattn_sweep_file",
-                                                sweep_path)
-  module = importlib.util.module_from_spec(spec)
   try:
-    spec.loader.exec_module(module)
+    module = load_module(sweep_path)
     get_sweep = getattr(module, "get_sweep", None)
     if not callable(get_sweep):
       raise SweepError(f"{sweep_path}: defines no get_sweep()")

@@ -395,7 +395,7 @@ def test_parameter_study_starts_from_the_two_best_variants_on_validation(
     tmp_path):
   study = _load_params_study()
   variants = sweep.load_runs(study.VARIANTS_SWEEP, root=str(tmp_path / "003"))
-  gpu_only = study._variants_module().GPU_ONLY  # pylint: disable=protected-access
+  gpu_only = sweep.load_module(study.VARIANTS_SWEEP).GPU_ONLY
   assert {r.name for r in variants} >= set(gpu_only)
   ml1m = [r for r in variants if r.config in study.ML1M_CONFIGS and
           r.seed == 0 and "loss.name" not in r.overrides and

@@ -93,10 +93,7 @@ def time_steps() -> dict:
 def _softmax_3d(h, table, targets, temperature):
   """The exact softmax loss as `losses.softmax` computed it before."""
   logits = jnp.einsum("bld,vd->blv", h, table) / temperature
-  logits = logits.at[..., 0].set(-jnp.inf)
-  log_z = jax.nn.logsumexp(logits, axis=-1)
-  pos = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
-  return losses._mean_over_valid(log_z - pos, targets)  # pylint: disable=protected-access
+  return losses.softmax_from_logits(logits, targets)
 
 
 class _Table:

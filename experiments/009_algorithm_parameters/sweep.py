@@ -26,7 +26,6 @@ with the best seed-0 validation NDCG@10 gets seeds 1 and 2. Selection reads
 validation metrics only (`recattn.sweep.best`).
 """
 
-import importlib.util
 import math
 import os
 
@@ -89,14 +88,6 @@ def axes(config: str, overrides: dict) -> dict[str, list[dict]]:
           for k, points in sorted(out.items())}
 
 
-def _variants_module():
-  spec = importlib.util.spec_from_file_location("variants_sweep",
-                                                VARIANTS_SWEEP)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def best_variants(variant_runs: list[sweep_lib.Run]) -> list[sweep_lib.Run]:
   """Study 003's ML-1M seed-0 attention rows, best first on validation
   NDCG@10 (its reference rows with another loss are not variants)."""
@@ -106,7 +97,7 @@ def best_variants(variant_runs: list[sweep_lib.Run]) -> list[sweep_lib.Run]:
   # Study 003's GPU-only rows count once they exist; until then the choice
   # is among the others. Every expansion re-plans, so a GPU-only row that
   # later ranks in the top two brings its own points into the study.
-  gpu_only = _variants_module().GPU_ONLY
+  gpu_only = sweep_lib.load_module(VARIANTS_SWEEP).GPU_ONLY
   rows = [r for r in rows if r.finished() or r.name not in gpu_only]
   missing = [r.name for r in rows if not r.finished()]
   if missing:
