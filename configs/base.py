@@ -19,7 +19,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   # multiple of `bucket_step` items (0 = always max_len).
   c.data.bucket_chunk = 16
   # last: each user's most recent max_len targets; all: every target, in
-  # non-overlapping windows over long histories.
+  # non-overlapping windows over long histories; prefixes: one row per
+  # target, its history right-aligned, scored at the last position only.
   c.data.train_windows = "last"
   c.data.bucket_step = 50
   c.data.manual_dir = ""  # raw files; "" = $RECATTN_MANUAL_DIR

@@ -2,6 +2,7 @@
 and its allowed values before any data is read or compiled."""
 
 from recattn import attention, losses, models
+from recattn.data import batching
 from recattn.attention import hstu as hstu_attention
 from recattn.attention import linear
 from recattn.models import base as models_base
@@ -81,7 +82,7 @@ def validate(config) -> None:
            "the ranking head scores candidates from cached keys without the "
            "next items' times; use time_query 'own'")
   _validate_attention_options(config)
-  _choice(config, "data.train_windows", ("last", "all"))
+  _choice(config, "data.train_windows", batching.TRAIN_WINDOWS)
   shards = config.data.get("process_shards", False)
   _require(isinstance(shards, bool),
            f"config.data.process_shards={shards!r}: must be True or False")
@@ -134,6 +135,10 @@ def _validate_rank_head(config) -> None:
   _require(not weight or head,
            f"config.loss.rank_weight={weight!r} trains a ranking head: set "
            "config.model.rank_head=True")
+  _require(not weight or config.data.train_windows != "prefixes",
+           f"config.loss.rank_weight={weight!r} with "
+           "config.data.train_windows='prefixes': the ranking head trains on "
+           "every position of a window; use train_windows 'last' or 'all'")
   if not head:
     return
   _positive(config, "loss.rank_negatives")

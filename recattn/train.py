@@ -89,6 +89,9 @@ def make_train_step(graphdef, tx, loss_config, log_q):
       if not rank_weight:
         kwargs = {k: batch[k] for k in ("times", "query_times") if k in batch}
         h = model.encode(batch["inputs"], rngs=rngs, **kwargs)
+        # Targets narrower than the window (data.train_windows="prefixes")
+        # score its last positions only.
+        h = h[:, h.shape[1] - batch["targets"].shape[1]:]
         return loss_fn(model, h, batch["targets"], negatives_rng,
                        loss_config, log_q)
       # The ranking head's candidates attend to this pass's keys/values.
@@ -243,7 +246,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   inputs, targets = batching.train_arrays(ds, config.data.max_len,
                                           config.data.train_windows,
                                           train_holdout)
-  lengths = np.sum(targets > 0, axis=1)
+  lengths = np.sum(inputs > 0, axis=1)  # history items per row
   with_times = models_base.uses_time(config.model.get("rel_bias", "none"))
   if with_times and ds.timestamps is None:
     raise config_check.ConfigError(

@@ -32,6 +32,19 @@ def test_all_windows_use_every_training_target_once():
   np.testing.assert_array_equal(last_inputs, [[1, 2], [9, 3]])
 
 
+def test_prefix_windows_make_one_right_aligned_row_per_target():
+  inputs, targets = batching.train_arrays(_ds(), max_len=3,
+                                          windows="prefixes")
+  # user 0's train part 1 2 3 gives 2 rows, user 2's 2 9 3 1 gives 3.
+  np.testing.assert_array_equal(
+      inputs, [[0, 0, 1], [0, 1, 2], [0, 0, 2], [0, 2, 9], [2, 9, 3]])
+  np.testing.assert_array_equal(targets, [[2], [3], [9], [3], [1]])
+  # The same targets as the every-position windows, each once.
+  _, every = batching.train_arrays(_ds(), max_len=3, windows="all")
+  np.testing.assert_array_equal(np.sort(targets[:, 0]),
+                                np.sort(every[every > 0]))
+
+
 def test_eval_windows():
   h, t, starts, ends = batching.eval_arrays(_ds(), "valid", max_len=3)
   np.testing.assert_array_equal(h, [[1, 2, 3], [0, 0, 6], [9, 3, 1]])
@@ -102,7 +115,7 @@ def test_times_are_the_timestamps_of_the_input_items():
   ts = (100 * ds.items + np.arange(len(ds.items))).astype(np.int64) + 10**9
   ds = SequenceDataset("toy", 9, ds.items, ds.offsets, ts, {})
   base = ts.min()
-  for windows in ("last", "all"):
+  for windows in batching.TRAIN_WINDOWS:
     inputs, _ = batching.train_arrays(ds, max_len=2, windows=windows)
     times = batching.train_times(ds, max_len=2, windows=windows)
     assert times.shape == inputs.shape
@@ -123,10 +136,13 @@ def test_shifted_times_are_those_of_each_query_s_next_item():
   ds = SequenceDataset("toy", 9, ds.items, ds.offsets, ts, {})
   base = ts.min()
   item_of = lambda t: (t + base - 10**9) // 100
-  for windows in ("last", "all"):
+  for windows in batching.TRAIN_WINDOWS:
     inputs, targets = batching.train_arrays(ds, max_len=2, windows=windows)
     times = batching.train_times(ds, max_len=2, windows=windows, shift=1)
     np.testing.assert_array_equal(times[inputs == 0], 0)
+    if windows == "prefixes":  # one target per row, at the last position
+      np.testing.assert_array_equal(item_of(times[:, -1]), targets[:, 0])
+      continue
     np.testing.assert_array_equal(item_of(times[inputs > 0]),
                                   targets[inputs > 0])
   for split in ("valid", "test"):

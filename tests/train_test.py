@@ -141,6 +141,8 @@ def test_entry_point_end_to_end(tmp_path):
     ("model.attn.normalizer", "max", "config.model.attn.normalizer='max'"),
     ("data.train_on_valid", True, "set config.eval.select_metric='none'"),
     ("model.positions", "center", "config.model.positions='center'"),
+    ("data.train_windows", "every", "allowed values are ['all', 'last', "
+     "'prefixes']"),
 ])
 def test_impossible_configs_name_the_field(field, value, message):
   c = test_config.get_config()
@@ -158,6 +160,9 @@ def test_impossible_configs_name_the_field(field, value, message):
 @pytest.mark.parametrize("fields,message", [
     ({"loss.rank_weight": 1.0}, "set config.model.rank_head=True"),
     ({"loss.rank_weight": -1.0}, "config.loss.rank_weight=-1.0: must be >= 0"),
+    ({"model.rank_head": True, "model.positions": "left",
+      "loss.rank_weight": 1.0, "data.train_windows": "prefixes"},
+     "config.data.train_windows='prefixes': the ranking head"),
     ({"model.rank_head": True}, "config.model.positions='left' or 'none'"),
     ({"model.rank_head": True, "model.positions": "left",
       "model.rel_bias": "alibi"}, "config.model.rel_bias='alibi'"),
@@ -287,3 +292,39 @@ def test_train_on_valid_trains_on_the_validation_item_and_selects_nothing(
   # The last training target of every user is now its validation item.
   assert np.diff(ds.offsets).min() >= 3  # so every user has a row
   np.testing.assert_array_equal(targets[:, -1], ds.items[ds.offsets[1:] - 2])
+
+
+def test_prefix_rows_score_the_last_position_only(tmp_path):
+  # A step's loss on [B, 1] targets is the loss of full-width targets that
+  # are zero (padding) everywhere but the last position.
+  c = test_config.get_config()
+  c.model.dropout = 0.0
+  num_items, max_len = 30, 8
+  model = models.create(c.model, num_items=num_items, max_len=max_len,
+                        seed=0)
+  graphdef, params = nnx.split(model, nnx.Param)
+  tx = train.make_optimizer(c.optimizer, 10)
+  state = {"params": params, "opt_state": tx.init(params),
+           "step": jnp.zeros((), jnp.int32)}
+  with c.unlocked():
+    c.loss.name = "softmax"
+  step = jax.jit(train.make_train_step(graphdef, tx, c.loss, None))
+  rng = np.random.default_rng(0)
+  inputs = rng.integers(1, num_items + 1, (4, max_len)).astype(np.int32)
+  last = rng.integers(1, num_items + 1, (4, 1)).astype(np.int32)
+  wide = np.zeros_like(inputs)
+  wide[:, -1:] = last
+  _, narrow_loss = step(state, {"inputs": inputs, "targets": last},
+                        jax.random.key(0))
+  _, wide_loss = step(state, {"inputs": inputs, "targets": wide},
+                      jax.random.key(0))
+  np.testing.assert_allclose(narrow_loss, wide_loss, rtol=1e-5)
+
+
+def test_prefix_windows_train_one_step_per_batch_of_targets(tmp_path):
+  c = _config(tmp_path, num_epochs=2, data__train_windows="prefixes")
+  final = train.train_and_evaluate(c, str(tmp_path / "run"))
+  ds = data_lib.load(c.data)
+  targets = int(np.sum(np.diff(ds.offsets) - 3))  # n - 3 per user
+  assert final["train/steps"] == 2 * -(-targets // c.batch_size)
+  assert np.isfinite(final["test/full/ndcg@10"])

@@ -17,6 +17,8 @@ eight times as many optimizer steps per epoch as one window per user):
   lr            optimizer.lr=5e-4
   attn_dropout  model.attn.dropout=0.5
   post_norm     model.norm=post
+  prefixes      data.train_windows=prefixes (one row per target, scored at
+                its last position, the history right-aligned as at test)
 
 Seed 0 each, selected on validation full NDCG@10 like every study; the
 centre point is study 003's run `sasrec_beauty__loss.name=softmax__seed0`.
@@ -28,6 +30,7 @@ POINTS = [
     {"loss.name": "softmax", "optimizer.lr": 5e-4},
     {"loss.name": "softmax", "model.attn.dropout": 0.5},
     {"loss.name": "softmax", "model.norm": "post"},
+    {"loss.name": "softmax", "data.train_windows": "prefixes"},
 ]
 
 

@@ -19,6 +19,8 @@ from recattn.data.dataset import SequenceDataset
 # How many trailing items of each sequence a split's history never includes
 # (for valid/test the first of them is the target).
 HOLDOUT = {"train": 2, "valid": 2, "test": 1}
+# `config.data.train_windows` (see `train_arrays`).
+TRAIN_WINDOWS = ("last", "all", "prefixes")
 
 
 def _windows(items: np.ndarray, starts: np.ndarray, ends: np.ndarray,
@@ -48,26 +50,39 @@ def _train_bounds(ds: SequenceDataset, max_len: int, windows: str,
     first = np.repeat(np.cumsum(count) - count, count)
     k = np.arange(len(user)) - first
     starts, ends = starts[user], ends[user] - k * max_len
+  elif windows == "prefixes":
+    # n - 1 windows per user, ending at start + 2, ..., end: one per target.
+    count = ends - starts - 1
+    user = np.repeat(np.arange(len(starts)), count)
+    first = np.repeat(np.cumsum(count) - count, count)
+    k = np.arange(len(user)) - first
+    starts, ends = starts[user], starts[user] + 2 + k
   elif windows != "last":
     raise ValueError(f"config.data.train_windows={windows!r}; allowed: "
-                     "'last', 'all'")
+                     f"{list(TRAIN_WINDOWS)}")
   return starts, ends
 
 
 def train_arrays(ds: SequenceDataset, max_len: int, windows: str = "last",
                  holdout: int = 2):
-  """Returns `inputs, targets: [R, L] int32`, one row per training window.
+  """Returns `inputs: [R, L]`, `targets: [R, L | 1] int32`, one row per window.
 
   `windows="last"` keeps each user's most recent `max_len` targets (SASRec's
   and generative-recommenders' practice: longer histories lose their
   beginning); `"all"` also cuts the earlier part of long histories into
   further non-overlapping windows, so every training target is used once per
-  epoch. Users with fewer than 2 training items have no target and no row.
+  epoch; `"prefixes"` makes one row per target, its history right-aligned
+  as at evaluation, scored at the last position only (`targets` is then
+  `[R, 1]`: the training regime of S3-Rec / FMLP-Rec / BSARec; n - 1 rows
+  per user instead of one). Users with fewer than 2 training items have no
+  target and no row.
   `holdout`: trailing items of each sequence never trained on (2: the
   validation and test items; 1: only the test item, `data.train_on_valid`).
   """
   starts, ends = _train_bounds(ds, max_len, windows, holdout)
   inputs = _windows(ds.items, starts, ends - 1, max_len)
+  if windows == "prefixes":
+    return inputs, ds.items[ends - 1, None].astype(np.int32)
   targets = _windows(ds.items, starts + 1, ends, max_len)
   return inputs, targets
 
