@@ -37,6 +37,13 @@ def _bounds(ds: SequenceDataset, split: str, holdout: int | None = None):
   return starts, ends
 
 
+def _enumerate(count: np.ndarray):
+  """`(user, k)` for k in 0..count[user] - 1 of every user, in order."""
+  user = np.repeat(np.arange(len(count)), count)
+  return user, np.arange(len(user)) - np.repeat(np.cumsum(count) - count,
+                                                count)
+
+
 def _train_bounds(ds: SequenceDataset, max_len: int, windows: str,
                   holdout: int = 2):
   """`(starts, ends)` of every training window (see `train_arrays`)."""
@@ -45,17 +52,11 @@ def _train_bounds(ds: SequenceDataset, max_len: int, windows: str,
   starts, ends = starts[keep], ends[keep]
   if windows == "all":
     # ceil((n - 1) / L) windows per user, ending at end, end - L, ...
-    count = -(-(ends - starts - 1) // max_len)
-    user = np.repeat(np.arange(len(starts)), count)
-    first = np.repeat(np.cumsum(count) - count, count)
-    k = np.arange(len(user)) - first
+    user, k = _enumerate(-(-(ends - starts - 1) // max_len))
     starts, ends = starts[user], ends[user] - k * max_len
   elif windows == "prefixes":
-    # n - 1 windows per user, ending at start + 2, ..., end: one per target.
-    count = ends - starts - 1
-    user = np.repeat(np.arange(len(starts)), count)
-    first = np.repeat(np.cumsum(count) - count, count)
-    k = np.arange(len(user)) - first
+    # One window per target, ending at start + 2, ..., end.
+    user, k = _enumerate(ends - starts - 1)
     starts, ends = starts[user], starts[user] + 2 + k
   elif windows != "last":
     raise ValueError(f"config.data.train_windows={windows!r}; allowed: "
@@ -73,8 +74,8 @@ def train_arrays(ds: SequenceDataset, max_len: int, windows: str = "last",
   further non-overlapping windows, so every training target is used once per
   epoch; `"prefixes"` makes one row per target, its history right-aligned
   as at evaluation, scored at the last position only (`targets` is then
-  `[R, 1]`: the training regime of S3-Rec / FMLP-Rec / BSARec; n - 1 rows
-  per user instead of one). Users with fewer than 2 training items have no
+  `[R, 1]`: the training regime of S3-Rec / FMLP-Rec / BSARec; a row per
+  training target instead of one per user). Users with fewer than 2 training items have no
   target and no row.
   `holdout`: trailing items of each sequence never trained on (2: the
   validation and test items; 1: only the test item, `data.train_on_valid`).
