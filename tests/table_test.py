@@ -296,13 +296,14 @@ def test_footer_names_every_device_a_resumed_run_ran_on(tmp_path):
     str(p.relative_to(ROOT)) for p in ROOT.glob("experiments/*/table_*.csv")))
 def test_committed_tables_regenerate_byte_for_byte(committed, tmp_path):
   # The footer's command, run from a copy of the tree that holds only the
-  # study's run records, must write the committed .md, .tex and .csv again.
+  # studies' run records (a table may compare runs of several studies),
+  # must write the committed .md, .tex and .csv again.
   footer = (ROOT / committed).read_text().splitlines()[-1]
   command = shlex.split(footer.removeprefix("# Regenerate: "))
   assert command[:3] == ["python", "-m", "recattn.table"], footer
-  study = pathlib.Path(committed).parent
-  (tmp_path / study).mkdir(parents=True)
-  (tmp_path / study / "runs").symlink_to(ROOT / study / "runs")
+  for runs in ROOT.glob("experiments/*/runs"):
+    (tmp_path / runs.parent.relative_to(ROOT)).mkdir(parents=True)
+    (tmp_path / runs.relative_to(ROOT)).symlink_to(runs)
   env = dict(os.environ, PYTHONPATH=str(ROOT))
   subprocess.run([sys.executable, *command[1:]], check=True, cwd=tmp_path,
                  env=env, capture_output=True)
