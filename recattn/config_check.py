@@ -2,9 +2,9 @@
 and its allowed values before any data is read or compiled."""
 
 from recattn import attention, losses, models
-from recattn.data import batching
 from recattn.attention import hstu as hstu_attention
 from recattn.attention import linear
+from recattn.data import batching
 from recattn.models import base as models_base
 from recattn.models import sasrec
 from recattn.serving import incremental

@@ -294,7 +294,7 @@ def test_train_on_valid_trains_on_the_validation_item_and_selects_nothing(
   np.testing.assert_array_equal(targets[:, -1], ds.items[ds.offsets[1:] - 2])
 
 
-def test_prefix_rows_score_the_last_position_only(tmp_path):
+def test_prefix_rows_score_the_last_position_only():
   # A step's loss on [B, 1] targets is the loss of full-width targets that
   # are zero (padding) everywhere but the last position.
   c = test_config.get_config()

@@ -75,8 +75,8 @@ def train_arrays(ds: SequenceDataset, max_len: int, windows: str = "last",
   epoch; `"prefixes"` makes one row per target, its history right-aligned
   as at evaluation, scored at the last position only (`targets` is then
   `[R, 1]`: the training regime of S3-Rec / FMLP-Rec / BSARec; a row per
-  training target instead of one per user). Users with fewer than 2 training items have no
-  target and no row.
+  training target instead of one per user). Users with fewer than 2
+  training items have no target and no row.
   `holdout`: trailing items of each sequence never trained on (2: the
   validation and test items; 1: only the test item, `data.train_on_valid`).
   """
