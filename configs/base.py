@@ -91,6 +91,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   # recattn.serving.incremental.score_targets); needs positions left|none,
   # rel_bias none|time and loss.rank_weight > 0 to be trained.
   c.model.rank_head = False
+  # none | attributes (S3-Rec category/brand ids, mean-pooled and added to
+  # the item vectors; beauty, sports, toys)
+  c.model.item_features = "none"
   c.model.pos_init = 0.02  # std of the position-embedding init
   c.model.final_norm = True  # LayerNorm on the last block's output
   c.model.remat = False  # recompute each block in the backward pass

@@ -2,6 +2,7 @@
 and its allowed values before any data is read or compiled."""
 
 from recattn import attention, losses, models
+from recattn import data as data_lib
 from recattn.attention import hstu as hstu_attention
 from recattn.attention import linear
 from recattn.data import batching
@@ -67,6 +68,15 @@ def validate(config) -> None:
   _choice(config, "model.norm", sasrec.NORMS)
   _choice(config, "model.rel_bias", models_base.REL_BIASES)
   _choice(config, "model.positions", models_base.POSITIONS)
+  features = config.model.get("item_features", "none")
+  _require(features in models_base.ITEM_FEATURES,
+           f"config.model.item_features={features!r}: allowed values are "
+           f"{list(models_base.ITEM_FEATURES)}")
+  _require(features == "none"
+           or config.data.name in data_lib.ATTRIBUTE_DATASETS,
+           f"config.model.item_features={features!r}: "
+           f"config.data.name={config.data.name!r} has no item attributes; "
+           f"datasets with them: {list(data_lib.ATTRIBUTE_DATASETS)}")
   time_query = config.model.get("time_query", "own")
   _require(time_query in models_base.TIME_QUERIES,
            f"config.model.time_query={time_query!r}: allowed values are "

@@ -308,8 +308,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   else:
     steps_per_epoch = math.ceil(len(inputs) / config.batch_size)
 
-  model = models.create(config.model, num_items=ds.num_items,
-                        max_len=config.data.max_len, seed=config.seed)
+  model = models.create_for_data(config, ds, seed=config.seed)
   item_shards = sharding.axis_size(mesh, "items", rules)
   pad_rows = model.pad_item_rows(item_shards)
   if pad_rows:

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import pytest
+from flax import nnx
 
 from recattn import attention
 from recattn import models
@@ -136,3 +137,65 @@ def test_query_times_move_only_the_time_bias_s_query_side():
   # Causal: the next item's time of position t is all position t sees of t+1.
   later = model.encode(items.at[0, 5].set(13), times=times, query_times=nxt)
   np.testing.assert_allclose(later[0, :5], moved[0, :5], atol=1e-6)
+
+
+def _attribute_model(attr_ids, num_attrs, l2_norm=False):
+  cfg = ml_collections.ConfigDict(dict(
+      name="sasrec", attention="scaled_dot", num_blocks=1, num_heads=1,
+      dim=8, ffn_dim=0, dropout=0.0, norm="sasrec", l2_norm=l2_norm,
+      item_features="attributes"))
+  return models.create(cfg, num_items=attr_ids.shape[0] - 1, max_len=6,
+                       seed=0, item_attributes=(attr_ids, num_attrs))
+
+
+def test_item_attributes_add_the_mean_of_their_embeddings():
+  # Items 1..4; attribute ids shifted by one (0 pads); item 4 has none.
+  attr_ids = np.array([[0, 0], [1, 2], [2, 0], [3, 1], [0, 0]], np.int32)
+  model = _attribute_model(attr_ids, 4)
+  ids = model.item_embedding.embedding[...]
+  attrs = model.attr_embedding.embedding[...]
+  expected = ids[:5] + np.stack([
+      np.zeros(8), (attrs[1] + attrs[2]) / 2, attrs[2],
+      (attrs[3] + attrs[1]) / 2, np.zeros(8)])
+  np.testing.assert_allclose(model.all_item_vectors(), expected, atol=1e-6)
+  np.testing.assert_allclose(model.item_vectors(jnp.array([[3, 1]])),
+                             expected[None, [3, 1]], atol=1e-6)
+  # The input side reads the same rows.
+  np.testing.assert_allclose(
+      model.embed_at(jnp.array([[2]]), jnp.array([[0]])),
+      expected[None, [2]] * np.sqrt(8) + model.pos_embedding.embedding[0],
+      atol=1e-5)
+
+
+def test_item_attributes_are_trained_through_both_sides():
+  attr_ids = np.array([[0], [1], [1], [2]], np.int32)
+  model = _attribute_model(attr_ids, 3, l2_norm=True)
+
+  graphdef, params = nnx.split(model, nnx.Param)
+
+  def score(params):
+    m = nnx.merge(graphdef, params)
+    h = m.encode(jnp.array([[0, 1, 2]]))[:, -1]
+    return jnp.sum(h * m.item_vectors(jnp.array([3])))
+
+  grad = jax.grad(score)(params)["attr_embedding"]["embedding"][...]
+  assert np.abs(grad[1]).sum() > 0 and np.abs(grad[2]).sum() > 0
+  np.testing.assert_array_equal(grad[0], 0)  # Padding attribute.
+
+
+def test_item_attributes_must_match_the_config():
+  attr_ids = np.zeros((5, 1), np.int32)
+  cfg = ml_collections.ConfigDict(dict(
+      name="sasrec", attention="scaled_dot", num_blocks=1, num_heads=1,
+      dim=8, ffn_dim=0, dropout=0.0, norm="sasrec", l2_norm=False,
+      item_features="none"))
+  with pytest.raises(ValueError, match="item_features='none' but "
+                     "item_attributes given"):
+    models.create(cfg, num_items=4, max_len=6, seed=0,
+                  item_attributes=(attr_ids, 1))
+  cfg.item_features = "attributes"
+  with pytest.raises(ValueError, match="item_attributes missing"):
+    models.create(cfg, num_items=4, max_len=6, seed=0)
+  with pytest.raises(ValueError, match="6 rows for 4 items"):
+    models.create(cfg, num_items=4, max_len=6, seed=0,
+                  item_attributes=(np.zeros((6, 1), np.int32), 1))

@@ -175,6 +175,13 @@ def test_impossible_configs_name_the_field(field, value, message):
     ({"model.qk_dim": 4, "model.attention": "low_rank"}, None),
     ({"model.qk_dim": 4, "model.attn.low_rank_value_pool": True},
      "config.model.attn.low_rank_value_pool=True pools values"),
+    ({"model.item_features": "text"},
+     "config.model.item_features='text': allowed values are ['none', "
+     "'attributes']"),
+    ({"model.item_features": "attributes"},
+     "config.data.name='synthetic' has no item attributes; datasets with "
+     "them: ['beauty', 'sports', 'toys']"),
+    ({"model.item_features": "attributes", "data.name": "toys"}, None),
 ])
 def test_impossible_field_combinations_are_refused(fields, message):
   c = test_config.get_config()
@@ -328,3 +335,34 @@ def test_prefix_windows_train_one_step_per_batch_of_targets(tmp_path):
   targets = int(np.sum(np.diff(ds.offsets) - 3))  # n - 3 per user
   assert final["train/steps"] == 2 * -(-targets // c.batch_size)
   assert np.isfinite(final["test/full/ndcg@10"])
+
+
+def test_item_attributes_train_end_to_end_and_restore_for_serving(tmp_path):
+  # A small Beauty-format file: 60 users over items 1..40, 5 attributes.
+  rng = np.random.default_rng(0)
+  manual = tmp_path / "manual" / "amazon-s3rec"
+  manual.mkdir(parents=True)
+  lines = [" ".join(map(str, [u, *rng.integers(1, 41, rng.integers(5, 12))]))
+           for u in range(1, 61)]
+  (manual / "Beauty.txt").write_text("\n".join(lines) + "\n")
+  attrs = {str(i): [i % 3, 3 + i % 2] for i in range(1, 41)}
+  (manual / "Beauty_item2attributes.json").write_text(json.dumps(attrs))
+  c = _config(tmp_path, num_epochs=2)
+  with c.unlocked():
+    c.data.name = "beauty"
+    c.data.manual_dir = str(tmp_path / "manual")
+    c.data.download = False
+    c.data.max_len = 12
+    c.model.item_features = "attributes"
+  final = train.train_and_evaluate(c, str(tmp_path / "run"))
+  assert np.isfinite(final["test/full/ndcg@10"])
+  model, _, ds = serving_engine.restore_model(str(tmp_path / "run"))
+  attr_ids, num_attrs = data_lib.load_item_attributes(c.data, ds)
+  assert model.attr_embedding.embedding.shape == (num_attrs, c.model.dim)
+  # Trained (moved from its initial values), and part of every item vector.
+  fresh = models.create_for_data(c, ds, seed=c.seed)
+  assert not np.allclose(model.attr_embedding.embedding[...],
+                         fresh.attr_embedding.embedding[...], atol=1e-4)
+  assert not np.allclose(model.all_item_vectors()[1:],
+                         model.item_embedding.embedding[1:ds.num_items + 1])
+  assert attr_ids.shape == (ds.num_items + 1, 2)

@@ -20,6 +20,11 @@ eight times as many optimizer steps per epoch as one window per user):
   prefixes      data.train_windows=prefixes (one row per target, scored at
                 its last position, the history right-aligned as at test)
 
+and one step beyond BSARec, on top of per-prefix rows:
+
+  attributes    model.item_features=attributes (each item vector plus the
+                mean embedding of its S3-Rec category/brand attributes)
+
 Seed 0 each, selected on validation full NDCG@10 like every study; the
 centre point is study 003's run `sasrec_beauty__loss.name=softmax__seed0`.
 """
@@ -31,10 +36,20 @@ POINTS = [
     {"loss.name": "softmax", "model.attn.dropout": 0.5},
     {"loss.name": "softmax", "model.norm": "post"},
     {"loss.name": "softmax", "data.train_windows": "prefixes"},
+    {"loss.name": "softmax", "data.train_windows": "prefixes",
+     "model.item_features": "attributes"},
 ]
 
 
+# The point that moved validation, with two more seeds.
+SEEDED = [{"loss.name": "softmax", "data.train_windows": "prefixes"}]
+
+
 def get_sweep():
-  return {"name": "010_beauty_objective",
-          "configs": ["configs/sasrec_beauty.py"],
-          "overrides": POINTS, "seeds": [0]}
+  points = {"name": "010_beauty_objective",
+            "configs": ["configs/sasrec_beauty.py"],
+            "overrides": POINTS, "seeds": [0]}
+  seeded = {"name": "010_beauty_objective",
+            "configs": ["configs/sasrec_beauty.py"],
+            "overrides": SEEDED, "seeds": [1, 2]}
+  return [points, seeded]

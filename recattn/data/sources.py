@@ -221,15 +221,19 @@ def read_interactions(
   return source.parse(data, where), [record]
 
 
+def attribute_datasets() -> tuple[str, ...]:
+  """Names of the datasets with an item-attribute file."""
+  return tuple(sorted(k for k, s in SOURCES.items() if s.attributes))
+
+
 def read_item_attributes(
     name: str, *, manual_dir: str, download_dir: str, download: bool
 ) -> tuple[dict[int, list[int]], dict[str, Any]]:
   """Reads an S3-Rec `<Name>_item2attributes.json` as {item: [attr, ...]}."""
   file = SOURCES[name].attributes
   if file is None:
-    with_attributes = sorted(k for k, s in SOURCES.items() if s.attributes)
     raise DataError(f"data.name={name!r} has no item attributes; allowed: "
-                    f"{', '.join(with_attributes)}")
+                    f"{', '.join(attribute_datasets())}")
   data, where, record = fetch(
       file, name=name, manual_dir=manual_dir, download_dir=download_dir,
       download=download)

@@ -14,6 +14,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from recattn import attention
@@ -47,6 +48,37 @@ TIME_QUERIES = ("own", "next")
 #            are (what incremental serving needs, recattn.serving).
 #   "none":  no absolute position (relative biases, if any, only).
 POSITIONS = ("right", "left", "none")
+
+
+# Item side features fused into the item vectors (`model.item_features`):
+#   "none":       the id embedding only;
+#   "attributes": plus the mean of the item's categorical attributes'
+#                 embeddings (S3-Rec's category and brand ids:
+#                 `recattn.data.load_item_attributes`), on the input and the
+#                 output side alike, so the table stays shared and an item
+#                 with few interactions borrows from items that share its
+#                 attributes.
+ITEM_FEATURES = ("none", "attributes")
+
+
+class StaticTable:
+  """A constant int array kept in a module's graph, not in its state.
+
+  Hashes by content, so that NNX's graph definition stays a cache key; the
+  array becomes a constant of whatever `jit` traces the model.
+  """
+
+  def __init__(self, array: np.ndarray):
+    self.array = np.asarray(array)
+    self.array.flags.writeable = False
+    self._hash = hash((self.array.shape, self.array.tobytes()))
+
+  def __hash__(self):
+    return self._hash
+
+  def __eq__(self, other):
+    return (isinstance(other, StaticTable) and self._hash == other._hash
+            and np.array_equal(self.array, other.array))
 
 
 # Dense layers multiply `[..., D]` inputs as one 2-D matmul `[N, D] x [D, E]`
@@ -110,7 +142,9 @@ class SequenceRecommender(nnx.Module):
                dropout: float, l2_norm: bool, pos_init: float = 0.02,
                num_heads: int = 1, rel_bias: str = "none",
                remat: bool = False, positions: str = "right",
-               rank_head: bool = False, rngs: nnx.Rngs):
+               rank_head: bool = False,
+               item_attributes: tuple[np.ndarray, int] | None = None,
+               rngs: nnx.Rngs):
     self.dim = dim
     self.num_items = num_items
     # Recompute each block's activations in the backward pass (memory for
@@ -139,6 +173,20 @@ class SequenceRecommender(nnx.Module):
             nnx.initializers.normal(0.02), ("items", None),
             eager_sharding=False),
         rngs=rngs)
+    # `item_attributes = (attr_ids [V + 1, A] with 0 padding, vocabulary
+    # size)`: see ITEM_FEATURES.
+    if item_attributes is None:
+      self.attr_ids = None
+      self.attr_embedding = None
+    else:
+      attr_ids, num_attrs = item_attributes
+      if attr_ids.shape[0] != num_items + 1:
+        raise ValueError(f"item_attributes has {attr_ids.shape[0]} rows for "
+                         f"{num_items} items (expected num_items + 1)")
+      self.attr_ids = nnx.static(StaticTable(attr_ids.astype(np.int32)))
+      self.attr_embedding = nnx.Embed(
+          num_attrs, dim, embedding_init=nnx.initializers.normal(0.02),
+          rngs=rngs)
     # Positions are counted from the most recent item (right-aligned).
     self.pos_embedding = nnx.Embed(
         max_len, dim, embedding_init=nnx.initializers.normal(pos_init),
@@ -168,15 +216,34 @@ class SequenceRecommender(nnx.Module):
       return x
     return x * jax.lax.rsqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-12)
 
+  def _attribute_vectors(self, ids: jax.Array) -> jax.Array:
+    """Mean attribute embedding `[..., D]` of items `[...]` (0 if none)."""
+    attrs = jnp.asarray(self.attr_ids.array)[ids]  # [..., A]
+    present = (attrs > 0).astype(self.attr_embedding.embedding.dtype)
+    total = jnp.einsum("...a,...ad->...d", present,
+                       self.attr_embedding(attrs))
+    return total / jnp.maximum(present.sum(-1, keepdims=True), 1.0)
+
+  def item_rows(self, ids: jax.Array) -> jax.Array:
+    """The shared item table's rows `[..., D]` for ids `[...]`, side
+    features included (before scaling or unit norm)."""
+    x = self.item_embedding(ids)
+    if self.attr_embedding is not None:
+      x = x + self._attribute_vectors(ids)
+    return x
+
   def item_vectors(self, ids: jax.Array) -> jax.Array:
     """Output-side item vectors `[..., D]` for item ids `[...]`."""
-    return self._normalize(self.item_embedding(ids))
+    return self._normalize(self.item_rows(ids))
 
   def all_item_vectors(self) -> jax.Array:
     """`[V + 1, D]`; row 0 (padding) must be masked by the caller."""
     table = self.item_embedding.embedding[...]
     if table.shape[0] != self.num_items + 1:  # rows added by pad_item_rows
       table = table[:self.num_items + 1]
+    if self.attr_embedding is not None:
+      table = table + self._attribute_vectors(
+          jnp.arange(self.num_items + 1))
     return self._normalize(table)
 
   def pad_item_rows(self, multiple: int) -> int:
@@ -260,7 +327,7 @@ class SequenceRecommender(nnx.Module):
       positions: `[B|1, T]` indices into the position table (ignored when
         `positions="none"`).
     """
-    x = self.item_embedding(items) * math.sqrt(self.dim)
+    x = self.item_rows(items) * math.sqrt(self.dim)
     if self.positions == "none":
       return x
     return x + jnp.take(self.pos_embedding.embedding[...], positions, axis=0)

@@ -84,12 +84,14 @@ class HSTU(base.SequenceRecommender):
       remat: bool = False,
       positions: str = "right",
       rank_head: bool = False,
+      item_attributes=None,
       rngs: nnx.Rngs,
   ):
     super().__init__(num_items=num_items, max_len=max_len, dim=dim,
                      dropout=dropout, l2_norm=l2_norm, num_heads=num_heads,
                      rel_bias=rel_bias, remat=remat,
-                     positions=positions, rank_head=rank_head, rngs=rngs)
+                     positions=positions, rank_head=rank_head,
+                     item_attributes=item_attributes, rngs=rngs)
     qk_dim = qk_dim or dim // num_heads
     v_dim = v_dim or dim // num_heads
     self.blocks = nnx.List([
@@ -99,8 +101,10 @@ class HSTU(base.SequenceRecommender):
     ])
 
   @classmethod
-  def from_config(cls, model_config, *, num_items, max_len, rngs):
+  def from_config(cls, model_config, *, num_items, max_len, rngs,
+                  item_attributes=None):
     get = model_config.get
     return cls(num_items=num_items, max_len=max_len,
                **cls.common_kwargs(model_config),
+               item_attributes=item_attributes,
                qk_dim=get("qk_dim", 0), v_dim=get("v_dim", 0), rngs=rngs)

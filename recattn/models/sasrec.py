@@ -146,12 +146,14 @@ class SASRec(base.SequenceRecommender):
       positions: str = "right",
       rank_head: bool = False,
       qk_dim: int = 0,
+      item_attributes=None,
       rngs: nnx.Rngs,
   ):
     super().__init__(num_items=num_items, max_len=max_len, dim=dim,
                      dropout=dropout, l2_norm=l2_norm, pos_init=pos_init,
                      num_heads=num_heads, rel_bias=rel_bias, remat=remat,
-                     positions=positions, rank_head=rank_head, rngs=rngs)
+                     positions=positions, rank_head=rank_head,
+                     item_attributes=item_attributes, rngs=rngs)
     self.blocks = nnx.List([
         Block(dim, num_heads, ffn_dim, dropout, attention, norm, rngs=rngs,
               kv_raw=kv_raw, attn_config=attn_config, qk_dim=qk_dim)
@@ -161,10 +163,12 @@ class SASRec(base.SequenceRecommender):
     self.final_ln = nnx.LayerNorm(dim, epsilon=1e-8, rngs=rngs)
 
   @classmethod
-  def from_config(cls, model_config, *, num_items, max_len, rngs):
+  def from_config(cls, model_config, *, num_items, max_len, rngs,
+                  item_attributes=None):
     get = model_config.get
     return cls(num_items=num_items, max_len=max_len,
                **cls.common_kwargs(model_config),
+               item_attributes=item_attributes,
                ffn_dim=get("ffn_dim", 0) or model_config.dim,
                norm=get("norm", "sasrec"), kv_raw=get("kv_raw", False),
                pos_init=get("pos_init", 0.02),

@@ -157,8 +157,7 @@ def restore_model(workdir: str, which: str = "best"):
         "the next event, which the serving engine does not take; serve a "
         "model trained with time_query 'own'")
   ds = data_lib.load(config.data)
-  model = models.create(config.model, num_items=ds.num_items,
-                        max_len=config.data.max_len, seed=config.seed)
+  model = models.create_for_data(config, ds, seed=config.seed)
   graphdef, params = nnx.split(model, nnx.Param)
   tx = train.make_optimizer(config.optimizer, 1)
   template = {"params": params, "opt_state": tx.init(params),
