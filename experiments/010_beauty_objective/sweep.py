@@ -24,6 +24,8 @@ and one step beyond BSARec, on top of per-prefix rows:
 
   attributes    model.item_features=attributes (each item vector plus the
                 mean embedding of its S3-Rec category/brand attributes)
+  ffn           model.ffn_dim=256 (BSARec's feed-forward width, 4 x d,
+                where SASRec's is d)
 
 Seed 0 each, selected on validation full NDCG@10 like every study; the
 centre point is study 003's run `sasrec_beauty__loss.name=softmax__seed0`.
@@ -38,6 +40,8 @@ POINTS = [
     {"loss.name": "softmax", "data.train_windows": "prefixes"},
     {"loss.name": "softmax", "data.train_windows": "prefixes",
      "model.item_features": "attributes"},
+    {"loss.name": "softmax", "data.train_windows": "prefixes",
+     "model.ffn_dim": 256},
 ]
 
 
