@@ -35,6 +35,13 @@ PROTOCOL_FIELDS = ("data.name", "eval.filter_seen", "eval.num_negatives",
                    "eval.negatives", "eval.select_metric")
 # Config fields allowed to differ between the seeds of one row.
 PER_RUN_FIELDS = ("seed", "progress", "data.data_dir", "data.manual_dir")
+# Config fields added after runs were recorded, with the value that does what
+# the code did before the field existed: a run recorded without the field is
+# compared as if it had this value. Add a field only when that is exactly so.
+ADDED_FIELDS = {
+    "model.item_features": "none",  # no side features before f397697
+    "model.time_query": "own",  # own-time interval before c8af8f3
+}
 _SEED_SUFFIX = re.compile(r"_{1,2}seed\d+$")
 
 
@@ -150,6 +157,11 @@ def _first_difference(a: dict, b: dict, skip=()) -> str | None:
   return None
 
 
+def _config_as_now(config: dict) -> dict:
+  """A run's flat config with the fields added since it ran filled in."""
+  return {**ADDED_FIELDS, **_flatten(config)}
+
+
 def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
   """Label -> its runs sorted by seed; labels in order of first appearance.
 
@@ -161,12 +173,12 @@ def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
     groups.setdefault(r.label, []).append(r)
   for label, members in groups.items():
     members.sort(key=lambda r: (r.seed, r.path))
-    ref = _flatten(members[0].config)
+    ref = _config_as_now(members[0].config)
     for prev, r in zip(members, members[1:]):
       if prev.seed == r.seed:
         raise TableError(f"runs {prev.path} and {r.path} of row {label!r} "
                          f"have the same seed {r.seed}")
-      other = _flatten(r.config)
+      other = _config_as_now(r.config)
       key = _first_difference(ref, other, skip=PER_RUN_FIELDS)
       if key:
         raise TableError(

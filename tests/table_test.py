@@ -255,6 +255,21 @@ def test_refuses_unlike_runs_in_one_row(tmp_path):
     table.make_tables([a, c])
 
 
+def test_fields_added_since_a_run_read_as_their_old_behaviour(tmp_path):
+  old = make_run(tmp_path / "m_seed0", 0.3)  # recorded before item_features
+  assert "item_features" not in json.loads(
+      (pathlib.Path(old) / "config.json").read_text())["model"]
+  same = make_run(tmp_path / "x" / "m_seed1", 0.3, seed=1,
+                  config={"model.item_features": "none"})
+  groups = table.group_runs(table.find_runs([old, same])[0])
+  assert [r.seed for r in groups["m"]] == [0, 1]
+  unlike = make_run(tmp_path / "y" / "m_seed1", 0.3, seed=1,
+                    config={"model.item_features": "attributes"})
+  with pytest.raises(table.TableError, match=r"config\.model\.item_features "
+                     r"\('none' vs 'attributes'\)"):
+    table.make_tables([old, unlike])
+
+
 def test_unfinished_runs_are_noted(study):
   make_run(pathlib.Path(study) / "runs" / "d_seed0", finished=False)
   md = table.make_tables([study])["md"]

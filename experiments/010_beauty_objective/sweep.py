@@ -26,6 +26,8 @@ and one step beyond BSARec, on top of per-prefix rows:
                 mean embedding of its S3-Rec category/brand attributes)
   ffn           model.ffn_dim=256 (BSARec's feed-forward width, 4 x d,
                 where SASRec's is d)
+  bsarec_attrs  BSARec's whole training regime (per-prefix rows, raw
+                logits, Adam 5e-4, post-norm) plus item attributes
 
 Seed 0 each, selected on validation full NDCG@10 like every study; the
 centre point is study 003's run `sasrec_beauty__loss.name=softmax__seed0`.
@@ -42,11 +44,18 @@ POINTS = [
      "model.item_features": "attributes"},
     {"loss.name": "softmax", "data.train_windows": "prefixes",
      "model.ffn_dim": 256},
+    {"loss.name": "softmax", "data.train_windows": "prefixes",
+     "model.item_features": "attributes", "model.l2_norm": False,
+     "loss.temperature": 1.0, "optimizer.lr": 5e-4, "model.norm": "post"},
 ]
 
 
-# The point that moved validation, with two more seeds.
-SEEDED = [{"loss.name": "softmax", "data.train_windows": "prefixes"}]
+# The points that moved validation, with two more seeds each.
+SEEDED = [
+    {"loss.name": "softmax", "data.train_windows": "prefixes"},
+    {"loss.name": "softmax", "data.train_windows": "prefixes",
+     "model.item_features": "attributes"},
+]
 
 
 def get_sweep():
