@@ -88,10 +88,10 @@ def make_train_step(graphdef, tx, loss_config, log_q):
       rngs = nnx.Rngs(dropout=dropout_rng)
       if not rank_weight:
         kwargs = {k: batch[k] for k in ("times", "query_times") if k in batch}
-        h = model.encode(batch["inputs"], rngs=rngs, **kwargs)
         # Targets narrower than the window (data.train_windows="prefixes")
-        # score its last positions only.
-        h = h[:, h.shape[1] - batch["targets"].shape[1]:]
+        # score its last positions only; the final block computes just those.
+        h = model.encode(batch["inputs"], rngs=rngs,
+                         last=batch["targets"].shape[1], **kwargs)
         return loss_fn(model, h, batch["targets"], negatives_rng,
                        loss_config, log_q)
       # The ranking head's candidates attend to this pass's keys/values.

@@ -142,3 +142,50 @@ def test_blockwise_matches_scaled_dot_with_a_smaller_query_key_size():
   np.testing.assert_allclose(a, b, rtol=1e-5)
   for ga, gb in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
     np.testing.assert_allclose(ga, gb, rtol=1e-4, atol=1e-5)
+
+
+LAST_CASES = CASES + [
+    ("sasrec", "scaled_dot", "none", {"norm": "pre"}),
+    ("sasrec", "scaled_dot", "position", {"norm": "post"}),
+    ("sasrec", "scaled_dot", "none", {"kv_raw": True}),
+    ("sasrec", "scaled_dot", "time", {"remat": True}),
+    ("hstu", "hstu", "position", {"remat": True, "num_blocks": 1}),
+]
+
+
+@pytest.mark.parametrize("case", LAST_CASES, ids=str)
+def test_encode_last_positions_equals_the_full_output_tail(case):
+  model_name, variant, rel_bias, *extra = case
+  c = _config(model_name, variant, rel_bias)
+  with c.unlocked():
+    c.model.update(extra[0] if extra else {})
+  model = models.create(c.model, num_items=NUM_ITEMS, max_len=MAX_LEN, seed=0)
+  batch = _batch(2)
+  items, times = batch["inputs"][:4], batch["times"][:4]
+  kwargs = {"times": times, "query_times": times + 5}
+  full = model.encode(items, **kwargs)
+  for n in (1, 3, MAX_LEN):
+    np.testing.assert_allclose(model.encode(items, last=n, **kwargs),
+                               full[:, -n:], atol=1e-5, rtol=1e-5)
+  # Gradients too (what per-prefix training takes).
+  graphdef, params = nnx.split(model, nnx.Param)
+
+  def loss(params, last):
+    h = nnx.merge(graphdef, params).encode(items, last=last, **kwargs)
+    return jnp.sum(h[:, -2:] ** 2)
+
+  got = jax.tree.leaves(jax.grad(loss)(params, 2))
+  want = jax.tree.leaves(jax.grad(loss)(params, None))
+  # Some gradients are zero up to rounding (a key bias under softmax).
+  scale = max(float(jnp.max(jnp.abs(w))) for w in want)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_encode_last_out_of_range_is_refused():
+  c = _config("sasrec", "scaled_dot", "none")
+  model = models.create(c.model, num_items=NUM_ITEMS, max_len=MAX_LEN, seed=0)
+  items = _batch(0)["inputs"][:2]
+  for n in (0, MAX_LEN + 1):
+    with pytest.raises(ValueError, match=rf"encode\(last={n}\).*\[1, 12\]"):
+      model.encode(items, last=n)

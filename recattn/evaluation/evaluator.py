@@ -128,7 +128,7 @@ def _eval_batch(graphdef, params, totals, history, targets, seen, candidates,
     kwargs = {} if times is None else {"times": times}
     if query_times is not None:
       kwargs["query_times"] = query_times
-    h = model.encode(history, **kwargs)[:, -1]  # [B, D]
+    h = model.encode(history, last=1, **kwargs)[:, -1]  # [B, D]
   ranks, target_scores, top = _full_ranking(
       h, model.all_item_vectors(), targets, seen, filter_seen=filter_seen,
       mesh=mesh, rules=rules, k=k)

@@ -2,8 +2,9 @@
 the shared input/output item table, and unit-norm scoring.
 
 Subclasses build `self.blocks` (and may override `output`); `encode(items)
-gives `[B, L, D]` user states. The trainer, losses and evaluators only use
-`encode`, `item_vectors` and `all_item_vectors`.
+gives `[B, L, D]` user states, `encode(items, last=n)` those of the last n
+positions only. The trainer, losses and evaluators only use `encode`,
+`item_vectors` and `all_item_vectors`.
 
 The item table's rows carry the logical axis "items" (sharded over the
 `model` mesh axis by `config.mesh.rules`); `pad_item_rows` rounds the row
@@ -344,26 +345,46 @@ class SequenceRecommender(nnx.Module):
       query_times: jax.Array | None = None,  # [B, L]; see TIME_QUERIES
       rngs: nnx.Rngs | None = None,
       return_weights: bool = False,
+      last: int | None = None,
   ):
     """Returns user states `[B, L, D]` (and per-block weights if asked).
 
-    Runs `self.blocks` (each `block(x, mask, bias, *, rngs, return_weights)
-    -> (x, weights)`) under a causal, padding-aware mask.
+    Runs `self.blocks` (each `block(x, mask, bias, *, rngs, return_weights,
+    last) -> (x, weights)`) under a causal, padding-aware mask.
+
+    `last`: only the last `last` positions' states are wanted (`[B, last,
+    D]`): the final block computes queries, feed-forward and output there
+    only (its keys and values still come from every position), which is
+    what training on per-prefix rows and scoring the next item need. The
+    values are those of the full output's last `last` positions.
     """
+    length = items.shape[1]
+    if last is not None and not 1 <= last <= length:
+      raise ValueError(f"encode(last={last}) for windows of {length} items: "
+                       f"must be in [1, {length}]")
+    if last == length:
+      last = None
     x, valid = self.embed(items, rngs)
     keep = valid[..., None].astype(x.dtype)
     mask = attention.Mask(causal=True, key_valid=valid)
     bias = self.attention_bias(times, query_times)
     weights = []
 
-    def run(block, x, mask, bias, rngs):
-      return block(x, mask, bias, rngs=rngs, return_weights=return_weights)
+    def run(block, x, mask, bias, rngs, last=None):
+      # Blocks are asked for `last` only when it is set.
+      kwargs = {} if last is None else {"last": last}
+      return block(x, mask, bias, rngs=rngs, return_weights=return_weights,
+                   **kwargs)
 
     if self.remat:
-      run = nnx.remat(run)
-    for block in self.blocks:
-      x, w = run(block, x, mask, bias, rngs)
-      x = x * keep
+      run = nnx.remat(run, static_argnums=5)
+    final = len(self.blocks) - 1
+    for i, block in enumerate(self.blocks):
+      tail = last if i == final else None
+      x, w = run(block, x, mask, bias, rngs, tail)
+      x = x * (keep if tail is None else keep[:, -tail:])
       weights.append(w)
+    if last is not None and not self.blocks:
+      x = x[:, -last:]
     h = self.output(x)
     return (h, weights) if return_weights else h

@@ -49,16 +49,35 @@ class HSTUBlock(nnx.Module):
                                 rngs=rngs)
     self.dropout = dropout_lib.Dropout(dropout)
 
-  def __call__(self, x, mask, bias=None, *, rngs, return_weights=False):
+  def __call__(self, x, mask, bias=None, *, rngs, return_weights=False,
+               last=None):
+    """`x [B, L, D]` -> `[B, L, D]`, or `[B, last, D]` with `last`: only the
+    last `last` positions as queries (keys and values from all of `x`)."""
     b, l, _ = x.shape
     h, dq, dv = self.num_heads, self.qk_dim, self.v_dim
-    uvqk = jax.nn.silu(self.uvqk(_layer_norm(x)))
-    u, v, q, k = jnp.split(uvqk, [h * dv, 2 * h * dv, 2 * h * dv + h * dq],
-                           axis=-1)
-    a, w = self.core(q.reshape(b, l, h, dq), k.reshape(b, l, h, dq),
+    xn = _layer_norm(x)
+    if last is None:
+      uvqk = jax.nn.silu(self.uvqk(xn))
+      u, v, q, k = jnp.split(uvqk, [h * dv, 2 * h * dv, 2 * h * dv + h * dq],
+                             axis=-1)
+      lq = l
+    else:
+      # Columns [u | v | q | k]: u, q for the queries, v, k for all keys.
+      kernel = self.uvqk.kernel[...]
+      u_cols, v_cols = kernel[:, :h * dv], kernel[:, h * dv:2 * h * dv]
+      q_cols = kernel[:, 2 * h * dv:2 * h * dv + h * dq]
+      k_cols = kernel[:, -h * dq:]
+      uq = jax.nn.silu(base.matmul(xn[:, -last:], jnp.concatenate(
+          [u_cols, q_cols], axis=1)))
+      vk = jax.nn.silu(base.matmul(xn, jnp.concatenate(
+          [v_cols, k_cols], axis=1)))
+      u, q = jnp.split(uq, [h * dv], axis=-1)
+      v, k = jnp.split(vk, [h * dv], axis=-1)
+      x, lq = x[:, -last:], last
+    a, w = self.core(q.reshape(b, lq, h, dq), k.reshape(b, l, h, dq),
                      v.reshape(b, l, h, dv), mask, bias,
                      return_weights=return_weights)
-    y = u * _layer_norm(a.reshape(b, l, h * dv))
+    y = u * _layer_norm(a.reshape(b, lq, h * dv))
     y = self.dropout(y, rngs=rngs, deterministic=rngs is None)
     return x + self.out(y), w
 

@@ -101,22 +101,28 @@ class Block(nnx.Module):
     h = self._drop(jax.nn.relu(self.ffn_in(x)), rngs)
     return self._drop(self.ffn_out(h), rngs)
 
-  def __call__(self, x, mask, bias=None, *, rngs, return_weights=False):
+  def __call__(self, x, mask, bias=None, *, rngs, return_weights=False,
+               last=None):
+    """`x [B, L, D]` -> `[B, L, D]`, or `[B, last, D]` with `last`: only the
+    last `last` positions as queries (keys and values from all of `x`)."""
+    tail = (lambda t: t) if last is None else (lambda t: t[:, -last:])
     if self.norm == "sasrec":
       h = self.ln_attn(x)
-      a, w = self.attn(h, mask, bias, kv=x if self.kv_raw else None,
+      kv = x if self.kv_raw else (None if last is None else h)
+      a, w = self.attn(tail(h), mask, bias, kv=kv,
                        return_weights=return_weights, rngs=rngs)
-      h = self.ln_ffn(h + self._drop(a, rngs))
+      h = self.ln_ffn(tail(h) + self._drop(a, rngs))
       x = h + self._ffn(h, rngs)
     elif self.norm == "pre":
-      a, w = self.attn(self.ln_attn(x), mask, bias,
+      h = self.ln_attn(x)
+      a, w = self.attn(tail(h), mask, bias, kv=None if last is None else h,
                        return_weights=return_weights, rngs=rngs)
-      x = x + self._drop(a, rngs)
+      x = tail(x) + self._drop(a, rngs)
       x = x + self._ffn(self.ln_ffn(x), rngs)
     else:
-      a, w = self.attn(x, mask, bias, return_weights=return_weights,
-                       rngs=rngs)
-      x = self.ln_attn(x + self._drop(a, rngs))
+      a, w = self.attn(tail(x), mask, bias, kv=None if last is None else x,
+                       return_weights=return_weights, rngs=rngs)
+      x = self.ln_attn(tail(x) + self._drop(a, rngs))
       x = self.ln_ffn(x + self._ffn(x, rngs))
     return x, w
 

@@ -281,7 +281,8 @@ class Engine:
 
     def full_fn(params, items, times):
       model = nnx.merge(graphdef, params)
-      return model.encode(items, times=times if uses_time else None)[:, -1]
+      return model.encode(items, times=times if uses_time else None,
+                          last=1)[:, -1]
 
     engine._full_fn = jax.jit(full_fn)
     return engine
