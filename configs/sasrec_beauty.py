@@ -15,12 +15,25 @@ experiments/003_attention_variants/prelim/sasrec_beauty): selected on
 validation at epoch 80, test full ranking (seen items removed) HR@10
 0.0785, NDCG@10 0.0464; test sampled-100 NDCG@10 0.3072; 14.2 s per
 epoch, 30 min in all.
+
+`configs/sasrec_beauty.py:softmax_prefix_attr` is the setting study 010
+selected on validation (study 003's Beauty rows): the exact softmax over
+all items, one training row per prefix (`data.train_windows=prefixes`)
+and each item's S3-Rec category/brand attributes fused into its vector
+(`model.item_features=attributes`). Seed 0 (study 010, 2026-12-01):
+validation full NDCG@10 0.0748, test full NDCG@10 0.0587, HR@10 0.0983.
 """
 
 from configs import base
 
 
-def get_config():
+ARGS = ("", "softmax_prefix_attr")
+
+
+def get_config(arg: str | None = None):
+  if arg not in (None, *ARGS):
+    raise ValueError(f"configs/sasrec_beauty.py:{arg}: allowed args are "
+                     "'' (default) and 'softmax_prefix_attr'")
   c = base.get_base_config()
   c.data.name = "beauty"
   c.data.max_len = 50
@@ -43,4 +56,8 @@ def get_config():
   c.eval.every_epochs = 5
   c.eval.patience = 6
   c.eval.filter_seen = True
+  if arg == "softmax_prefix_attr":
+    c.loss.name = "softmax"
+    c.data.train_windows = "prefixes"
+    c.model.item_features = "attributes"
   return c

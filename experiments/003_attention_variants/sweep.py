@@ -3,7 +3,10 @@
   python -m recattn.sweep --sweep=experiments/003_attention_variants/sweep.py
 
 ML-1M (`ml-1m-seq`, max_len 200) and Beauty (max_len 50), full ranking with
-seen items removed and sampled-100 ranking, selection on validation. Cheap
+seen items removed and sampled-100 ranking, selection on validation.
+Beauty's rows use the setting study 010 selected on validation
+(`configs/sasrec_beauty.py:softmax_prefix_attr`: exact softmax, one
+training row per prefix, item attributes). Cheap
 variants first: on a 2-core CPU an ML-1M run takes about half an hour with
 softmax attention and several hours with `additive` or `din` (their score
 network is evaluated for every (query, key) pair), so those come last.
@@ -37,7 +40,7 @@ def get_sweep():
   headline = {
       "name": "003_attention_variants",
       "configs": ["configs/sasrec_ml1m.py", "configs/hstu_ml1m.py:large",
-                  "configs/sasrec_beauty.py"],
+                  "configs/sasrec_beauty.py:softmax_prefix_attr"],
       "overrides": [{}],
       "seeds": [0, 1, 2],
   }
@@ -52,7 +55,8 @@ def get_sweep():
   }
   variants = {
       "name": "003_attention_variants",
-      "configs": ["configs/sasrec_ml1m.py", "configs/sasrec_beauty.py"],
+      "configs": ["configs/sasrec_ml1m.py",
+                  "configs/sasrec_beauty.py:softmax_prefix_attr"],
       "overrides": VARIANTS,
       "seeds": [0],
   }
