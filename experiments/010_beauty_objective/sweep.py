@@ -31,6 +31,12 @@ and one step beyond BSARec, on top of per-prefix rows:
 
 Seed 0 each, selected on validation full NDCG@10 like every study; the
 centre point is study 003's run `sasrec_beauty__loss.name=softmax__seed0`.
+
+Stage 2 moves the model's own parameters one at a time around the selected
+setting (`configs/sasrec_beauty.py:softmax_prefix_attr`, whose seed-0 run
+is study 003's `sasrec_beauty_softmax_prefix_attr__seed0`): hidden-state
+dropout 0.3 and 0.7 (0.5), width 128 (64), three blocks (two), and a cosine
+learning-rate decay over the 200 epochs (constant).
 """
 
 POINTS = [
@@ -57,6 +63,15 @@ POINTS = [
 SEEDED = [{"loss.name": "softmax", "data.train_windows": "prefixes"}]
 
 
+STAGE2 = [
+    {"model.dropout": 0.3},
+    {"model.dropout": 0.7},
+    {"model.dim": 128},
+    {"model.num_blocks": 3},
+    {"optimizer.schedule": "cosine"},
+]
+
+
 def get_sweep():
   points = {"name": "010_beauty_objective",
             "configs": ["configs/sasrec_beauty.py"],
@@ -64,4 +79,7 @@ def get_sweep():
   seeded = {"name": "010_beauty_objective",
             "configs": ["configs/sasrec_beauty.py"],
             "overrides": SEEDED, "seeds": [1, 2]}
-  return [points, seeded]
+  stage2 = {"name": "010_beauty_objective",
+            "configs": ["configs/sasrec_beauty.py:softmax_prefix_attr"],
+            "overrides": STAGE2, "seeds": [0]}
+  return [points, seeded, stage2]
