@@ -316,6 +316,16 @@ def test_committed_tables_regenerate_byte_for_byte(committed, tmp_path):
   footer = (ROOT / committed).read_text().splitlines()[-1]
   command = shlex.split(footer.removeprefix("# Regenerate: "))
   assert command[:3] == ["python", "-m", "recattn.table"], footer
+  # A workdir only this checkout has (an unfinished or uncommitted run)
+  # would regenerate here and fail on a fresh clone.
+  if (ROOT / ".git").exists():
+    for arg in command[3:]:
+      if not arg.startswith("--") and not (ROOT / arg / "runs").is_dir():
+        record = f"{arg}/final_metrics.json"
+        tracked = subprocess.run(["git", "ls-files", "--error-unmatch",
+                                  record], cwd=ROOT, capture_output=True)
+        assert tracked.returncode == 0, f"{committed} names {arg}, whose " \
+            "final_metrics.json is not committed"
   for runs in ROOT.glob("experiments/*/runs"):
     (tmp_path / runs.parent.relative_to(ROOT)).mkdir(parents=True)
     (tmp_path / runs.relative_to(ROOT)).symlink_to(runs)
