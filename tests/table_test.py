@@ -324,8 +324,9 @@ def test_committed_tables_regenerate_byte_for_byte(committed, tmp_path):
         record = f"{arg}/final_metrics.json"
         tracked = subprocess.run(["git", "ls-files", "--error-unmatch",
                                   record], cwd=ROOT, capture_output=True)
-        assert tracked.returncode == 0, f"{committed} names {arg}, whose " \
-            "final_metrics.json is not committed"
+        assert tracked.returncode == 0, (
+            f"{committed} names {arg}, whose final_metrics.json is not "
+            "committed")
   for runs in ROOT.glob("experiments/*/runs"):
     (tmp_path / runs.parent.relative_to(ROOT)).mkdir(parents=True)
     (tmp_path / runs.relative_to(ROOT)).symlink_to(runs)
