@@ -97,6 +97,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.pos_init = 0.02  # std of the position-embedding init
   c.model.final_norm = True  # LayerNorm on the last block's output
   c.model.remat = False  # recompute each block in the backward pass
+  # bsarec: weight of the frequency filter against the attention, and BSARec's
+  # c (the filter keeps the c // 2 + 1 lowest frequencies of the window)
+  c.model.bsarec_alpha = 0.7
+  c.model.bsarec_c = 5
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "sampled_softmax"  # bce | softmax | sampled_softmax

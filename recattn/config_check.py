@@ -93,6 +93,7 @@ def validate(config) -> None:
            "next items' times; use time_query 'own'")
   _validate_attention_options(config)
   _choice(config, "data.train_windows", batching.TRAIN_WINDOWS)
+  _validate_non_causal(config)
   shards = config.data.get("process_shards", False)
   _require(isinstance(shards, bool),
            f"config.data.process_shards={shards!r}: must be True or False")
@@ -132,6 +133,32 @@ def validate(config) -> None:
            "config.data.train_on_valid=True trains on the validation items, "
            f"so config.eval.select_metric={select!r} would select on "
            "trained-on data; set config.eval.select_metric='none'")
+
+
+def _validate_non_causal(config) -> None:
+  """Models whose states see later items (`causal = False`: BSARec)."""
+  name = config.model.name
+  alpha, c = (config.model.get("bsarec_alpha", 0.7),
+              config.model.get("bsarec_c", 5))
+  _require(isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0,
+           f"config.model.bsarec_alpha={alpha!r}: must be in [0, 1]")
+  _require(isinstance(c, int) and c >= 1,
+           f"config.model.bsarec_c={c!r}: must be an int >= 1")
+  if models.REGISTRY[name].causal:
+    return
+  windows = config.data.train_windows
+  _require(windows == "prefixes",
+           f"config.model.name={name!r} with config.data.train_windows="
+           f"{windows!r}: its states see later items of the window, so "
+           "training on every position would show each target to the "
+           "model; allowed value: 'prefixes' (one row per target)")
+  _require(config.model.positions == "right",
+           f"config.model.name={name!r}: config.model.positions="
+           f"{config.model.positions!r}; allowed value: 'right'")
+  _require(not config.model.get("rank_head", False),
+           f"config.model.name={name!r}: config.model.rank_head=True scores "
+           "candidates after a cached history, which needs causal states; "
+           "allowed value: False")
 
 
 def _validate_rank_head(config) -> None:

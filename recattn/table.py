@@ -41,6 +41,8 @@ PER_RUN_FIELDS = ("seed", "progress", "data.data_dir", "data.manual_dir")
 ADDED_FIELDS = {
     "model.item_features": "none",  # no side features before f397697
     "model.time_query": "own",  # own-time interval before c8af8f3
+    "model.bsarec_alpha": 0.7,  # BSARec's fields (no other model reads
+    "model.bsarec_c": 5,  # them) before they existed
 }
 _SEED_SUFFIX = re.compile(r"_{1,2}seed\d+$")
 

@@ -11,6 +11,7 @@ from recattn import models
 
 CONFIGS = [("sasrec_ml1m", None), ("sasrec_ml1m", "paper"),
            ("sasrec_beauty", None), ("sasrec_beauty", "softmax_prefix_attr"),
+           ("bsarec_beauty", None), ("bsarec_beauty", "attr"),
            ("hstu_ml1m", None),
            ("hstu_ml1m", "large"), ("test", None), ("sasrec_ml100k", "stream"),
            ("sasrec_stream", "ml-1m-partial"),
@@ -35,6 +36,7 @@ def test_config_validates_and_builds(name, arg):
 @pytest.mark.parametrize("name,arg,match", [
     ("hstu_ml1m", "huge", "allowed args"),
     ("sasrec_beauty", "prefix", "allowed args"),
+    ("bsarec_beauty", "attributes", "allowed args"),
     ("time_aware", "ml-1m-seq", "data one of"),
     ("time_aware", "ml-100k,gru", "model one of")])
 def test_unknown_config_arg_is_refused(name, arg, match):

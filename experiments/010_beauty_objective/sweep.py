@@ -37,6 +37,10 @@ setting (`configs/sasrec_beauty.py:softmax_prefix_attr`, whose seed-0 run
 is study 003's `sasrec_beauty_softmax_prefix_attr__seed0`): hidden-state
 dropout 0.3 and 0.7 (0.5), width 128 (64), three blocks (two), and a cosine
 learning-rate decay over the 200 epochs (constant).
+
+Stage 3 swaps the model: BSARec itself (`configs/bsarec_beauty.py`, its
+published Beauty setting, in `recattn.models.bsarec`), the reproduction of
+the reference run, and BSARec with item attributes (`:attr`).
 """
 
 POINTS = [
@@ -82,4 +86,8 @@ def get_sweep():
   stage2 = {"name": "010_beauty_objective",
             "configs": ["configs/sasrec_beauty.py:softmax_prefix_attr"],
             "overrides": STAGE2, "seeds": [0]}
-  return [points, seeded, stage2]
+  bsarec = {"name": "010_beauty_objective",
+            "configs": ["configs/bsarec_beauty.py",
+                        "configs/bsarec_beauty.py:attr"],
+            "seeds": [0]}
+  return [points, seeded, stage2, bsarec]

@@ -8,12 +8,14 @@ from flax import nnx
 
 from recattn import data as data_lib
 from recattn.models.base import ITEM_FEATURES
+from recattn.models.bsarec import BSARec
 from recattn.models.hstu import HSTU
 from recattn.models.sasrec import SASRec
 
 REGISTRY = {
     "sasrec": SASRec,
     "hstu": HSTU,
+    "bsarec": BSARec,
 }
 
 

@@ -139,6 +139,10 @@ def uses_time(rel_bias: str) -> bool:
 class SequenceRecommender(nnx.Module):
   """Embeddings and scoring shared by SASRec, HSTU, ..."""
 
+  # Whether a state depends only on its own and earlier items. A model whose
+  # states see later items (BSARec's filter) trains on per-prefix rows.
+  causal = True
+
   def __init__(self, *, num_items: int, max_len: int, dim: int,
                dropout: float, l2_norm: bool, pos_init: float = 0.02,
                num_heads: int = 1, rel_bias: str = "none",
