@@ -15,6 +15,7 @@ from recattn import config_check
 from recattn import models
 from recattn import train
 from recattn.models import bsarec
+from recattn.serving import engine as engine_lib
 
 NUM_ITEMS, MAX_LEN = 30, 12
 
@@ -149,6 +150,24 @@ def test_per_prefix_training_decreases_the_loss():
     losses.append(float(value))
   assert np.all(np.isfinite(losses))
   assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_served_state_is_the_last_position_of_the_window():
+  # Serving re-encodes the window at every event (positions 'right') and
+  # keeps the last position's state: what the evaluator scores.
+  model = _model()
+  engine = engine_lib.Engine.from_model(
+      model, max_len=MAX_LEN, original_item_ids=np.arange(NUM_ITEMS) + 1)
+  assert not engine.cached
+  items = np.asarray(_items(5, batch=2, length=MAX_LEN + 3)) % NUM_ITEMS + 1
+  states = [engine.new_state() for _ in range(2)]
+  for t in range(items.shape[1]):
+    states = engine.observe(states, items[:, t])
+    window = items[:, max(0, t + 1 - MAX_LEN):t + 1]
+    window = np.pad(window, ((0, 0), (MAX_LEN - window.shape[1], 0)))
+    want = model.encode(jnp.asarray(window, jnp.int32), last=1)[:, -1]
+    np.testing.assert_allclose(np.stack([s["h"] for s in states]), want,
+                               atol=2e-5, err_msg=f"after {t + 1} events")
 
 
 @pytest.mark.parametrize("fields,message", [
