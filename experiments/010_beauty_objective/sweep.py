@@ -40,7 +40,8 @@ learning-rate decay over the 200 epochs (constant).
 
 Stage 3 swaps the model: BSARec itself (`configs/bsarec_beauty.py`, its
 published Beauty setting, in `recattn.models.bsarec`), the reproduction of
-the reference run, and BSARec with item attributes (`:attr`).
+the reference run, and BSARec with item attributes (`:attr`), which gave
+the best Beauty validation: two more seeds of it.
 """
 
 POINTS = [
@@ -90,4 +91,7 @@ def get_sweep():
             "configs": ["configs/bsarec_beauty.py",
                         "configs/bsarec_beauty.py:attr"],
             "seeds": [0]}
-  return [points, seeded, stage2, bsarec]
+  bsarec_seeded = {"name": "010_beauty_objective",
+                   "configs": ["configs/bsarec_beauty.py:attr"],
+                   "seeds": [1, 2]}
+  return [points, seeded, stage2, bsarec, bsarec_seeded]
