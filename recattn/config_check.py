@@ -68,6 +68,12 @@ def validate(config) -> None:
   _choice(config, "model.norm", sasrec.NORMS)
   _choice(config, "model.rel_bias", models_base.REL_BIASES)
   _choice(config, "model.positions", models_base.POSITIONS)
+  alpha, c = (config.model.get("bsarec_alpha", 0.7),
+              config.model.get("bsarec_c", 5))
+  _require(isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0,
+           f"config.model.bsarec_alpha={alpha!r}: must be in [0, 1]")
+  _require(isinstance(c, int) and c >= 1,
+           f"config.model.bsarec_c={c!r}: must be an int >= 1")
   features = config.model.get("item_features", "none")
   _require(features in models_base.ITEM_FEATURES,
            f"config.model.item_features={features!r}: allowed values are "
@@ -138,12 +144,6 @@ def validate(config) -> None:
 def _validate_non_causal(config) -> None:
   """Models whose states see later items (`causal = False`: BSARec)."""
   name = config.model.name
-  alpha, c = (config.model.get("bsarec_alpha", 0.7),
-              config.model.get("bsarec_c", 5))
-  _require(isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0,
-           f"config.model.bsarec_alpha={alpha!r}: must be in [0, 1]")
-  _require(isinstance(c, int) and c >= 1,
-           f"config.model.bsarec_c={c!r}: must be an int >= 1")
   if models.REGISTRY[name].causal:
     return
   windows = config.data.train_windows
