@@ -42,6 +42,9 @@ Stage 3 swaps the model: BSARec itself (`configs/bsarec_beauty.py`, its
 published Beauty setting, in `recattn.models.bsarec`), the reproduction of
 the reference run, and BSARec with item attributes (`:attr`), which gave
 the best Beauty validation: two more seeds of it.
+
+Stage 4 moves BSARec with attributes one step at a time: unit-norm vectors
+with temperature 0.05 (SASRec's setting here), Adam 1e-3, width 128.
 """
 
 POINTS = [
@@ -77,6 +80,16 @@ STAGE2 = [
 ]
 
 
+# Stage 4: BSARec with attributes (the best Beauty row), one change at a
+# time towards what worked for SASRec in stage 1 (unit-norm vectors with
+# temperature 0.05, Adam 1e-3), then a wider model.
+STAGE4 = [
+    {"model.l2_norm": True, "loss.temperature": 0.05},
+    {"optimizer.lr": 1e-3},
+    {"model.dim": 128, "model.ffn_dim": 512},
+]
+
+
 def get_sweep():
   points = {"name": "010_beauty_objective",
             "configs": ["configs/sasrec_beauty.py"],
@@ -94,4 +107,7 @@ def get_sweep():
   bsarec_seeded = {"name": "010_beauty_objective",
                    "configs": ["configs/bsarec_beauty.py:attr"],
                    "seeds": [1, 2]}
-  return [points, seeded, stage2, bsarec, bsarec_seeded]
+  stage4 = {"name": "010_beauty_objective",
+            "configs": ["configs/bsarec_beauty.py:attr"],
+            "overrides": STAGE4, "seeds": [0]}
+  return [points, seeded, stage2, bsarec, bsarec_seeded, stage4]
