@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import urllib.error
 import urllib.request
 import zipfile
@@ -380,10 +381,65 @@ def test_data_dir_inside_manual_dir_is_refused(tmp_path):
                       data_dir=str(tmp_path / "cache")))
 
 
-def test_attributes_only_for_s3rec_sets(manual_dir, data_dir):
+def test_attributes_only_where_a_file_has_them(manual_dir, data_dir):
   config = _config(name="ml-100k", manual_dir=manual_dir, data_dir=data_dir)
-  with pytest.raises(data.DataError, match="allowed: beauty, sports, toys"):
+  with pytest.raises(data.DataError, match="allowed: beauty, ml-1m, "
+                     "ml-1m-partial, ml-1m-seq, sports, toys$"):
     data.load_item_attributes(config, data.load(config))
+
+
+def test_ml1m_seq_attributes_are_genres_and_decade(manual_dir, data_dir):
+  config = _config(name="ml-1m-seq", manual_dir=manual_dir, data_dir=data_dir)
+  ds = data.load(config)
+  attr_ids, num_attrs = data.load_item_attributes(config, ds)
+  assert attr_ids.shape == (ds.num_items + 1, 7)  # At most 6 genres + decade.
+  assert not attr_ids[0].any()
+  genres = len(parsing.MOVIELENS_GENRES)
+  counts = (attr_ids[1:] > 0).sum(1)
+  assert counts.min() == 2  # Every movie: at least one genre and a decade.
+  # The decade is each row's last attribute, after 1-6 genres (ids + 1).
+  decade = attr_ids[1:][np.arange(ds.num_items), counts - 1]
+  assert np.all(decade > genres)
+  assert np.all(attr_ids[1:, 0] <= genres)
+  # movies.dat line 1 is "1::Toy Story (1995)::Animation|Children's|Comedy";
+  # dense item ids follow sorted original ids, so movie 1 is item 1.
+  np.testing.assert_array_equal(attr_ids[1, :4], [3, 4, 5, 1 + genres + 9])
+  assert num_attrs == attr_ids.max() + 1
+
+
+@pytest.mark.parametrize("line, error", [
+    (b"7::Sabrina (1995)::Comedy|Romantik", "unknown genre 'Romantik'"),
+    (b"7::Sabrina::Comedy", "title 'Sabrina' does not end with a year"),
+    (b"7::Sabrina (1995)", "expected MovieID::Title::Genres, got 2 fields"),
+    (b"x7::Sabrina (1995)::Comedy", "MovieID 'x7' is not a number"),
+    (b"1::Again (1995)::Comedy", "movie 1 already has a line"),
+])
+def test_malformed_movies_name_file_and_line(tmp_path, line, error):
+  manual, data_dir = tmp_path / "manual", str(tmp_path / "tfds")
+  _write(manual / "ml-1m/ratings.dat", _RATINGS_DAT)
+  path = _write(manual / "ml-1m/movies.dat",
+                b"1::Toy Story (1995)::Animation\n" + line + b"\n")
+  config = _config(name="ml-1m", manual_dir=str(manual), data_dir=data_dir)
+  with pytest.raises(data.DataError, match=f"^{path}:2: {re.escape(error)}"):
+    data.load_item_attributes(config, data.load(config))
+
+
+def test_ml1m_attributes_from_the_zip(tmp_path):
+  manual = tmp_path / "manual"
+  manual.mkdir()
+  with zipfile.ZipFile(manual / "ml-1m.zip", "w") as archive:
+    archive.writestr("ml-1m/ratings.dat", _RATINGS_DAT)
+    archive.writestr("ml-1m/movies.dat", "\n".join([
+        "10::Un film (1932)::Drama|War", "20::Zw\u00f6lf (2000)::Comedy",
+        "30::Three (1999)::Film-Noir", "40::Four (1919)::Western"]).encode(
+            "latin-1"))
+  config = _config(name="ml-1m", manual_dir=str(manual),
+                   data_dir=str(tmp_path / "tfds"))
+  attr_ids, num_attrs = data.load_item_attributes(config, data.load(config))
+  # Items 10, 20, 30, 40 -> 1..4; genre ids + 1, then 19 + decade index.
+  np.testing.assert_array_equal(
+      attr_ids, [[0, 0, 0], [8, 17, 22], [5, 29, 0], [10, 28, 0], [18, 20, 0]])
+  assert num_attrs == 30
 
 
 def test_attributes_follow_filtered_item_ids(tmp_path):

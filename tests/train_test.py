@@ -180,8 +180,10 @@ def test_impossible_configs_name_the_field(field, value, message):
      "'attributes']"),
     ({"model.item_features": "attributes"},
      "config.data.name='synthetic' has no item attributes; datasets with "
-     "them: ['beauty', 'sports', 'toys']"),
+     "them: ['beauty', 'ml-1m', 'ml-1m-partial', 'ml-1m-seq', 'sports', "
+     "'toys']"),
     ({"model.item_features": "attributes", "data.name": "toys"}, None),
+    ({"model.item_features": "attributes", "data.name": "ml-1m-seq"}, None),
 ])
 def test_impossible_field_combinations_are_refused(fields, message):
   c = test_config.get_config()

@@ -10,6 +10,9 @@ training row per prefix, item attributes). Cheap
 variants first: on a 2-core CPU an ML-1M run takes about half an hour with
 softmax attention and several hours with `additive` or `din` (their score
 network is evaluated for every (query, key) pair), so those come last.
+Reference rows beside the variants: the exact softmax (Beauty, ML-1M) and
+ML-1M's movie genres and release decade as item attributes (SASRec,
+HSTU-large).
 """
 
 VARIANTS = [
@@ -71,4 +74,13 @@ def get_sweep():
       "overrides": BEAUTY_VARIANTS,
       "seeds": [0],
   }
-  return [headline, exact, variants, beauty_variants]
+  # Item side information as a reference row: ML-1M's genres and release
+  # decade (movies.dat) added to every item vector, as Beauty's rows add
+  # S3-Rec's category and brand ids.
+  side_info = {
+      "name": "003_attention_variants",
+      "configs": ["configs/sasrec_ml1m.py", "configs/hstu_ml1m.py:large"],
+      "overrides": [{"model.item_features": "attributes"}],
+      "seeds": [0],
+  }
+  return [headline, exact, variants, beauty_variants, side_info]

@@ -1,4 +1,9 @@
-"""Item side features: S3-Rec categorical attributes (category, brand ids)."""
+"""Item side features: categorical attributes of each item.
+
+S3-Rec's category and brand ids (`beauty`, `sports`, `toys`), and MovieLens
+genres plus release decade from ML-1M's movies.dat (`ml-1m`, `ml-1m-seq`,
+`ml-1m-partial`).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ from recattn.data.dataset import SequenceDataset
 def load_item_attributes(
     data_config: Any, dataset: SequenceDataset
 ) -> tuple[np.ndarray, int]:
-  """Loads `<Name>_item2attributes.json` aligned with `dataset`'s item ids.
+  """Loads the dataset's item attributes aligned with its item ids.
 
   Works after any filtering: each dataset item is looked up by its original
   id, kept in the prepared dataset's metadata. Attribute ids are shifted by
@@ -22,7 +27,7 @@ def load_item_attributes(
 
   Args:
     data_config: The config `dataset` was loaded with.
-    dataset: The loaded dataset (beauty, sports or toys).
+    dataset: The loaded dataset (one of `sources.attribute_datasets()`).
 
   Returns:
     attr_ids: [num_items + 1, max_attrs] int32; row i holds item i's

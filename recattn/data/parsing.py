@@ -12,6 +12,8 @@ still fails (e.g. "3..5"), a slow per-line scan finds the line to name.
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 from collections.abc import Iterator, Sequence
 from typing import NoReturn
 
@@ -272,3 +274,71 @@ def parse_user_lines(data: bytes, path: str) -> RawInteractions:
   is_item[starts] = False
   return RawInteractions(
       users=np.repeat(users, counts - 1), items=values[is_item])
+
+
+def parse_item2attributes(data: bytes, path: str) -> dict[int, list[int]]:
+  """Parses an S3-Rec `<Name>_item2attributes.json`: {item: [attr, ...]}."""
+  try:
+    table = json.loads(data)
+    if not isinstance(table, dict):
+      raise ValueError("expected a JSON object {item_id: [attr_id, ...]}")
+    parsed = {}
+    for key, attrs in table.items():
+      if not isinstance(attrs, list) or not all(
+          isinstance(a, int) and a >= 0 for a in attrs):
+        raise ValueError(f"item {key}: expected a list of non-negative ints")
+      parsed[int(key)] = attrs
+  except json.JSONDecodeError as e:
+    raise DataError(f"{path}:{e.lineno}: {e.msg} (column {e.colno})") from e
+  except ValueError as e:
+    raise DataError(f"{path}: {e}") from e
+  return parsed
+
+
+# The 18 genres of ML-1M's movies.dat (its README), in that order: attribute
+# ids 0-17. A movie's release decade follows as one more attribute,
+# 18 + (decade - 1900) / 10, from the year at the end of its title.
+MOVIELENS_GENRES = (
+    "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+    "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical",
+    "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western")
+_FIRST_DECADE, _LAST_DECADE = 1900, 2020
+_TITLE_YEAR = re.compile(r"\((\d{4})\)\s*$")
+
+
+def parse_movielens_movies(data: bytes, path: str) -> dict[int, list[int]]:
+  """Parses ML-1M `MovieID::Title (Year)::Genre|Genre` lines (Latin-1).
+
+  Returns:
+    {movie id: [genre ids..., decade id]} with the ids of `MOVIELENS_GENRES`
+    (0-17) and the release decade (18 for the 1900s, ..., 30 for 2020s).
+  """
+  genre_ids = {g: i for i, g in enumerate(MOVIELENS_GENRES)}
+  parsed = {}
+  for line, text in enumerate(data.decode("latin-1").splitlines(), start=1):
+    if not text.strip():
+      continue
+    fields = text.split("::")
+    if len(fields) != 3:
+      raise DataError(f"{path}:{line}: expected MovieID::Title::Genres, got "
+                      f"{len(fields)} fields")
+    movie, title, genres = fields
+    if not movie.isdigit():
+      raise DataError(f"{path}:{line}: MovieID {movie!r} is not a number")
+    if int(movie) in parsed:
+      raise DataError(f"{path}:{line}: movie {movie} already has a line")
+    year = _TITLE_YEAR.search(title)
+    if year is None or not (
+        _FIRST_DECADE <= int(year.group(1)) < _LAST_DECADE + 10):
+      raise DataError(f"{path}:{line}: title {title!r} does not end with a "
+                      f"year ({_FIRST_DECADE}-{_LAST_DECADE + 9}) in "
+                      "parentheses")
+    attrs = []
+    for genre in genres.split("|"):
+      if genre not in genre_ids:
+        raise DataError(f"{path}:{line}: unknown genre {genre!r}; allowed: "
+                        f"{', '.join(MOVIELENS_GENRES)}")
+      attrs.append(genre_ids[genre])
+    decade = (int(year.group(1)) - _FIRST_DECADE) // 10
+    parsed[int(movie)] = attrs + [len(MOVIELENS_GENRES) + decade]
+  return parsed

@@ -13,7 +13,6 @@ import dataclasses
 import gzip
 import hashlib
 import io
-import json
 import os
 import urllib.error
 import urllib.request
@@ -56,18 +55,42 @@ class RawFile:
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-  """A raw dataset: its interaction file and how to parse it."""
+  """A raw dataset: its interaction file and how to parse it.
+
+  Attributes:
+    interactions: The interaction file.
+    parse: Its parser, `(content, display path) -> RawInteractions`.
+    attributes: The item-attribute file, or None (no `item_features`).
+    parse_attributes: Its parser, `(content, display path) -> {original
+      item id: [attribute id, ...]}`.
+  """
 
   interactions: RawFile
   parse: Callable[[bytes, str], parsing.RawInteractions]
   attributes: RawFile | None = None
+  parse_attributes: Callable[[bytes, str], dict[int, list[int]]] = (
+      parsing.parse_item2attributes)
 
 
-def _grouplens(path: str, archive: str, sha256: str, **kwargs) -> Source:
+def _grouplens(path: str, archive: str, sha256: str, movies: str | None = None,
+               **kwargs) -> Source:
   def parse(data: bytes, where: str) -> parsing.RawInteractions:
     return parsing.parse_ratings(data, where, **kwargs)
-  return Source(
-      RawFile(path, archive, f"{_GROUPLENS}/{archive}", sha256), parse)
+  url = f"{_GROUPLENS}/{archive}"
+  source = Source(RawFile(path, archive, url, sha256), parse)
+  if movies:  # `movies` in the same archive: genres and release years.
+    source = dataclasses.replace(
+        source, attributes=RawFile(movies, archive, url, sha256),
+        parse_attributes=parsing.parse_movielens_movies)
+  return source
+
+
+# ML-1M's movies.dat (genres, release year): the item attributes of every
+# dataset with ML-1M's movie ids.
+_ML1M_MOVIES = _grouplens(
+    "ml-1m/ratings.dat", "ml-1m.zip",
+    "a6898adb50b9ca05aa231689da44c217cb524e7ebd39d264c56e2832f2c54e20",
+    movies="ml-1m/movies.dat", sep=b"::")
 
 
 def _s3rec(stem: str, sha256: str, attributes_sha256: str) -> Source:
@@ -83,10 +106,7 @@ def _s3rec(stem: str, sha256: str, attributes_sha256: str) -> Source:
 # sha256 of the GroupLens zips as pinned in tensorflow_datasets'
 # url_checksums/movielens.txt; of the text files as in the staged README.
 SOURCES: dict[str, Source] = {
-    "ml-1m": _grouplens(
-        "ml-1m/ratings.dat", "ml-1m.zip",
-        "a6898adb50b9ca05aa231689da44c217cb524e7ebd39d264c56e2832f2c54e20",
-        sep=b"::"),
+    "ml-1m": _ML1M_MOVIES,
     "ml-100k": _grouplens(
         "ml-100k/u.data", "ml-100k.zip",
         "50d2a982c66986937beb9ffb3aa76efe955bf3d5c6b761f4e3a7cd717c6a3229",
@@ -95,12 +115,15 @@ SOURCES: dict[str, Source] = {
         "ml-20m/ratings.csv", "ml-20m.zip",
         "96f243c338a8665f6bcc89c53edf6ee39162a846940de6b7c8c48aeada765ff3",
         sep=b",", header=b"userId,movieId,rating,timestamp"),
-    "ml-1m-partial": Source(
-        RawFile("ml-1m-ratings-partial/ratings.dat.gz"),
-        lambda data, where: parsing.parse_ratings(data, where, sep=b"::")),
-    "ml-1m-seq": Source(
-        RawFile("ml-1m-bert4rec-preprocessed/ml-1m.seq.txt"),
-        parsing.parse_pairs),
+    "ml-1m-partial": dataclasses.replace(
+        _ML1M_MOVIES,
+        interactions=RawFile("ml-1m-ratings-partial/ratings.dat.gz"),
+        parse=lambda data, where: parsing.parse_ratings(data, where,
+                                                        sep=b"::")),
+    "ml-1m-seq": dataclasses.replace(
+        _ML1M_MOVIES,
+        interactions=RawFile("ml-1m-bert4rec-preprocessed/ml-1m.seq.txt"),
+        parse=parsing.parse_pairs),
     "video": Source(
         RawFile(
             "sasrec/Video.txt", None, f"{_SASREC}/Video.txt",
@@ -229,26 +252,16 @@ def attribute_datasets() -> tuple[str, ...]:
 def read_item_attributes(
     name: str, *, manual_dir: str, download_dir: str, download: bool
 ) -> tuple[dict[int, list[int]], dict[str, Any]]:
-  """Reads an S3-Rec `<Name>_item2attributes.json` as {item: [attr, ...]}."""
-  file = SOURCES[name].attributes
-  if file is None:
+  """Reads dataset `name`'s item attributes as {item: [attr, ...]}.
+
+  Original item ids; attribute ids from 0 (S3-Rec's own ids, or MovieLens's
+  genres and release decade, `parsing.parse_movielens_movies`).
+  """
+  source = SOURCES[name]
+  if source.attributes is None:
     raise DataError(f"data.name={name!r} has no item attributes; allowed: "
                     f"{', '.join(attribute_datasets())}")
   data, where, record = fetch(
-      file, name=name, manual_dir=manual_dir, download_dir=download_dir,
-      download=download)
-  try:
-    table = json.loads(data)
-    if not isinstance(table, dict):
-      raise ValueError("expected a JSON object {item_id: [attr_id, ...]}")
-    parsed = {}
-    for key, attrs in table.items():
-      if not isinstance(attrs, list) or not all(
-          isinstance(a, int) and a >= 0 for a in attrs):
-        raise ValueError(f"item {key}: expected a list of non-negative ints")
-      parsed[int(key)] = attrs
-  except json.JSONDecodeError as e:
-    raise DataError(f"{where}:{e.lineno}: {e.msg} (column {e.colno})") from e
-  except ValueError as e:
-    raise DataError(f"{where}: {e}") from e
-  return parsed, record
+      source.attributes, name=name, manual_dir=manual_dir,
+      download_dir=download_dir, download=download)
+  return source.parse_attributes(data, where), record

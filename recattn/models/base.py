@@ -54,11 +54,11 @@ POSITIONS = ("right", "left", "none")
 # Item side features fused into the item vectors (`model.item_features`):
 #   "none":       the id embedding only;
 #   "attributes": plus the mean of the item's categorical attributes'
-#                 embeddings (S3-Rec's category and brand ids:
-#                 `recattn.data.load_item_attributes`), on the input and the
-#                 output side alike, so the table stays shared and an item
-#                 with few interactions borrows from items that share its
-#                 attributes.
+#                 embeddings (S3-Rec's category and brand ids, ML-1M's
+#                 genres and decade: `recattn.data.load_item_attributes`),
+#                 on the input and the output side alike, so the table stays
+#                 shared and an item with few interactions borrows from
+#                 items that share its attributes.
 ITEM_FEATURES = ("none", "attributes")
 
 
