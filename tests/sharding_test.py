@@ -264,7 +264,10 @@ def test_remat_gives_the_same_outputs_and_grads(name):
     out.append(jax.jit(jax.value_and_grad(f))(params))
   (v0, g0), (v1, g1) = out
   np.testing.assert_allclose(v1, v0, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4,
+  # Recomputation reorders float32 sums: on some CPUs (AVX-512 here) a
+  # gradient of 0.039 differs by 1.5e-5. A wrong recomputation (say, another
+  # dropout mask) differs by whole units.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3,
                                                        atol=1e-5), g1, g0)
 
 

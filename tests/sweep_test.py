@@ -397,15 +397,20 @@ def test_parameter_study_starts_from_the_two_best_variants_on_validation(
   variants = sweep.load_runs(study.VARIANTS_SWEEP, root=str(tmp_path / "003"))
   gpu_only = sweep.load_module(study.VARIANTS_SWEEP).GPU_ONLY
   assert {r.name for r in variants} >= set(gpu_only)
+  def reference(run):
+    return "loss.name" in run.overrides or (
+        "model.item_features" in run.overrides)
+
   ml1m = [r for r in variants if r.config in study.ML1M_CONFIGS and
-          r.seed == 0 and "loss.name" not in r.overrides and
-          r.name not in gpu_only]
-  # Study 003's reference row with another loss is not a variant: never
-  # waited for, never chosen (even with the best validation score).
-  loss_rows = [r for r in variants if r.config in study.ML1M_CONFIGS and
-               "loss.name" in r.overrides]
-  assert loss_rows
-  for run in loss_rows:
+          r.seed == 0 and not reference(r) and r.name not in gpu_only]
+  # Study 003's reference rows (another loss, item side information) are not
+  # variants: never waited for, never chosen (even with the best validation
+  # score).
+  reference_rows = [r for r in variants if r.config in study.ML1M_CONFIGS
+                    and reference(r)]
+  assert {tuple(r.overrides) for r in reference_rows} == {
+      ("loss.name",), ("model.item_features",)}
+  for run in reference_rows:
     _finish(run, **{"valid/full/ndcg@10": 0.9})
   with pytest.raises(sweep.SweepError, match=f"{len(ml1m)} of study 003's "
                      f"{len(ml1m)} ML-1M seed-0 runs are not finished"):
