@@ -31,8 +31,8 @@ DEFAULT_METRICS = ("hr@10", "hr@50", "hr@200", "ndcg@10", "ndcg@50",
 # in any of them cannot share a table. (data.max_len is a model choice.)
 DATA_FIELDS = ("name", "builder", "version", "config", "preprocessing",
                "users", "items", "interactions", "synthetic", "source_sha256")
-PROTOCOL_FIELDS = ("data.name", "eval.filter_seen", "eval.num_negatives",
-                   "eval.negatives", "eval.select_metric")
+PROTOCOL_FIELDS = ("data.name", "data.train_on_valid", "eval.filter_seen",
+                   "eval.num_negatives", "eval.negatives", "eval.select_metric")
 # Config fields allowed to differ between the seeds of one row.
 PER_RUN_FIELDS = ("seed", "progress", "data.data_dir", "data.manual_dir")
 # Config fields added after runs were recorded, with the value that does what
@@ -43,6 +43,7 @@ ADDED_FIELDS = {
     "model.time_query": "own",  # own-time interval before c8af8f3
     "model.bsarec_alpha": 0.7,  # BSARec's fields (no other model reads
     "model.bsarec_c": 5,  # them) before they existed
+    "data.train_on_valid": False,  # validation items held out before f19417a
 }
 _SEED_SUFFIX = re.compile(r"_{1,2}seed\d+$")
 
@@ -192,7 +193,7 @@ def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
 def _identity(run: Run) -> dict:
   """The fields that must agree across a table: its data and protocol."""
   out = {f"data_card.{f}": run.data_card.get(f) for f in DATA_FIELDS}
-  config = _flatten(run.config)
+  config = _config_as_now(run.config)
   out.update({f"config.{f}": config.get(f, "<missing>")
               for f in PROTOCOL_FIELDS})
   return out
@@ -271,8 +272,7 @@ def footer_notes(runs: list[Run], unfinished: list[str], split: str,
       f"{prep}): {card.get('users', 0):,} users, {card.get('items', 0):,} "
       f"items, {card.get('interactions', 0):,} interactions.",
       "Split: leave-one-out per user (validation = second-to-last item, "
-      f"test = last); numbers are {split}; checkpoint selected on "
-      f"{ev.get('select_metric')}.",
+      f"test = last); numbers are {split}; " + _selection(runs[0].config),
       f"Candidates ({protocol}): {candidates}.",
       "Seen items: " + ("removed from full ranking (eval.filter_seen=true)."
                         if ev.get("filter_seen") else
@@ -287,6 +287,16 @@ def footer_notes(runs: list[Run], unfinished: list[str], split: str,
     lines.append("Unfinished (no final_metrics.json, not in the table): "
                  + ", ".join(unfinished) + ".")
   return lines
+
+
+def _selection(config: dict) -> str:
+  """How the tested checkpoint was chosen, and what was trained on."""
+  select = config.get("eval", {}).get("select_metric")
+  if not _config_as_now(config)["data.train_on_valid"]:
+    return (f"checkpoint selected on {select}." if select != "none" else
+            "no selection: the last epoch is tested.")
+  return ("validation items trained on too (data.train_on_valid=true), so "
+          "no selection: the last epoch is tested.")
 
 
 def _parts(row: Row, m: str) -> tuple[str, str | None, str | None]:

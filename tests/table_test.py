@@ -235,6 +235,25 @@ def test_refuses_different_filter_seen(tmp_path):
     table.make_tables([a, b])
 
 
+def test_training_on_validation_items_is_its_own_protocol(tmp_path):
+  # The template run predates data.train_on_valid: it held them out.
+  held_out = make_run(tmp_path / "a", 0.3,
+                      config={"eval.select_metric": "none"})
+  refit = make_run(tmp_path / "b", 0.3, config={
+      "eval.select_metric": "none", "data.train_on_valid": True})
+  with pytest.raises(table.TableError, match=r"differ in "
+                     r"config\.data\.train_on_valid \(False vs True\)"):
+    table.make_tables([held_out, refit])
+  split = [line for line in table.make_tables([refit])["md"].splitlines()
+           if line.startswith("- Split:")]
+  assert split == ["- Split: leave-one-out per user (validation = "
+                   "second-to-last item, test = last); numbers are test; "
+                   "validation items trained on too (data.train_on_valid="
+                   "true), so no selection: the last epoch is tested."]
+  assert "no selection: the last epoch is tested." in (
+      table.make_tables([held_out])["md"])
+
+
 def test_refuses_missing_protocol(study):
   with pytest.raises(table.TableError, match=(
       r"runs/a_seed0 has no test/sampled_popularity100/hr@10 in "
