@@ -1036,9 +1036,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       logging.exception("Unhandled error on %s %s", method, self.path)
       status = 500
       payload = {"error": f"internal error: {type(e).__name__}: {e}"}
-    self._send(status, payload, headers)
+    # Counted before the reply goes out: a client that has its reply finds
+    # the request in /metrics (another connection's handler thread may
+    # otherwise answer /metrics first). Latency ends before the write.
     self.service.metrics.record_request(endpoint, status,
                                         time.perf_counter() - start)
+    self._send(status, payload, headers)
 
   def _content_length(self) -> int | None:
     if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
