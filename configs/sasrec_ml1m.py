@@ -13,6 +13,17 @@ dropout 0.2, lr 1e-3, batch 128, 200 epochs.
   python -m recattn.main --config=configs/sasrec_ml1m.py:paper \
       --workdir=runs/sasrec_ml1m_paper
 
+`:plus` is SASRec+ (Klenitskiy & Vasilev, "Turning Dross Into Gold Loss",
+RecSys 2023), their ML-1M setting on the same BERT4Rec file: the exact
+softmax over every item on raw dot products (no unit norm, no temperature),
+d=64, dropout 0.1, 2 blocks, 1 head, Adam 1e-3, batch 128, at most 100
+epochs, stopped once validation NDCG@10 has not improved for 15 epochs.
+The softmax is computed over blocks of 256 items (`softmax_chunked`: the
+same values and gradients as `softmax`, never the [B, L, V] logits).
+
+  python -m recattn.main --config=configs/sasrec_ml1m.py:plus \
+      --workdir=runs/sasrec_ml1m_plus
+
 Result of the default (commit 3abcc44, 2-core CPU, jax 0.10.2, 2026-11-27;
 records in experiments/001_sasrec_ml1m/runs/sasrec_ml1m): selected on
 validation at epoch 80, test full ranking (seen items filtered) HR@10 0.2680,
@@ -52,7 +63,16 @@ def get_config(arg: str | None = None):
     c.loss.num_negatives = 1
     c.eval.every_epochs = 20
     c.eval.select_metric = "valid/sampled_uniform100/ndcg@10"
+  elif arg == "plus":
+    c.num_epochs = 100
+    c.model.dim = 64
+    c.model.dropout = 0.1
+    c.model.l2_norm = False
+    c.loss.name = "softmax_chunked"
+    c.loss.item_chunk = 256
+    c.loss.temperature = 1.0
+    c.eval.patience = 3
   else:
     raise ValueError(f"configs/sasrec_ml1m.py:{arg}: allowed args are "
-                     "'' (default) and 'paper'")
+                     "'' (default), 'paper' and 'plus'")
   return c
