@@ -41,12 +41,15 @@ REL_BIASES = ("none", "position", "alibi", "time", "position+time")
 TIME_QUERIES = ("own", "next")
 
 # Learned absolute positions (`model.positions`):
-#   "right": counted back from the most recent item, as in Kang's SASRec and
-#            generative-recommenders (the last item always has the same
+#   "right": counted back from the most recent item, as in Kang's SASRec
+#            (left-padded windows: the last item always has the same
 #            position); every new event moves every earlier item's position.
-#   "left":  counted from the first item of the window; appending an event
-#            leaves earlier positions, hence earlier keys and values, as they
-#            are (what incremental serving needs, recattn.serving).
+#   "left":  counted from the first item of the window, as in
+#            generative-recommenders' research code and SASRec+ (windows
+#            padded at the end, positions 0, 1, ...): a short history's
+#            positions also say how long it is. Appending an event leaves
+#            earlier positions, hence earlier keys and values, as they are
+#            (what incremental serving needs, recattn.serving).
 #   "none":  no absolute position (relative biases, if any, only).
 POSITIONS = ("right", "left", "none")
 
