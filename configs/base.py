@@ -75,6 +75,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.ffn_dim = 0  # 0 = dim
   c.model.dropout = 0.2
   c.model.norm = "sasrec"  # sasrec | pre | post (LayerNorm placement)
+  # Kernel init of SASRec's projections and feed-forward layers: torch
+  # (uniform, bound 1/sqrt(fan_in)) | normal (N(0, 0.02), as in SASRec+)
+  c.model.dense_init = "torch"
   c.model.l2_norm = False  # unit-norm user states and item vectors
   # none | position (T5 buckets) | alibi | time | position+time (timestamps)
   c.model.rel_bias = "none"

@@ -66,6 +66,7 @@ def validate(config) -> None:
   _choice(config, "model.name", models.REGISTRY)
   _choice(config, "model.attention", attention.REGISTRY)
   _choice(config, "model.norm", sasrec.NORMS)
+  _choice(config, "model.dense_init", tuple(sasrec.DENSE_INITS))
   _choice(config, "model.rel_bias", models_base.REL_BIASES)
   _choice(config, "model.positions", models_base.POSITIONS)
   alpha, c = (config.model.get("bsarec_alpha", 0.7),

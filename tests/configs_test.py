@@ -10,6 +10,7 @@ from recattn import config_check
 from recattn import models
 
 CONFIGS = [("sasrec_ml1m", None), ("sasrec_ml1m", "paper"),
+           ("sasrec_ml1m", "plus"),
            ("sasrec_beauty", None), ("sasrec_beauty", "softmax_prefix_attr"),
            ("bsarec_beauty", None), ("bsarec_beauty", "attr"),
            ("hstu_ml1m", None),

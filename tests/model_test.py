@@ -57,6 +57,25 @@ def test_exact_parameter_count():
   assert n == (v + 1) * d + l * d + blocks * per_block + 2 * d
 
 
+@pytest.mark.parametrize("dense_init", ["torch", "normal"])
+def test_dense_init_sets_every_projection_kernel(dense_init):
+  cfg = ml_collections.ConfigDict(dict(
+      name="sasrec", attention="scaled_dot", num_blocks=2, num_heads=1,
+      dim=64, ffn_dim=0, dropout=0.1, norm="sasrec", l2_norm=False,
+      dense_init=dense_init))
+  model = models.create(cfg, num_items=40, max_len=10, seed=0)
+  for block in model.blocks:
+    for dense in (block.attn.qkv, block.attn.out, block.ffn_in,
+                  block.ffn_out):
+      w = np.asarray(dense.kernel[...])
+      if dense_init == "normal":  # N(0, 0.02)
+        assert 0.017 < w.std() < 0.023
+      else:  # uniform, bound 1/sqrt(fan_in): std 1/sqrt(3 fan_in)
+        bound = 1 / np.sqrt(w.shape[0])
+        assert np.abs(w).max() <= bound
+        assert abs(w.std() - bound / np.sqrt(3)) < 0.1 * bound
+
+
 def test_dropout_is_on_only_with_rngs():
   from flax import nnx
   model = _model()

@@ -141,6 +141,9 @@ def test_entry_point_end_to_end(tmp_path):
     ("model.attn.normalizer", "max", "config.model.attn.normalizer='max'"),
     ("data.train_on_valid", True, "set config.eval.select_metric='none'"),
     ("model.positions", "center", "config.model.positions='center'"),
+    ("model.dense_init", "xavier",
+     "config.model.dense_init='xavier': allowed values are ['normal', "
+     "'torch']"),
     ("data.train_windows", "every", "allowed values are ['all', 'last', "
      "'prefixes']"),
 ])

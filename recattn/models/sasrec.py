@@ -15,11 +15,21 @@ from recattn import dropout as dropout_lib
 from recattn.models import base
 
 
-def _dense(n_in: int, n_out: int, rngs) -> base.Dense:
-  # PyTorch's default Linear init (uniform, bound 1/sqrt(fan_in)), as in the
-  # reference SASRec implementations; flax's lecun_normal is sqrt(3) larger.
-  init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
-  return base.Dense(n_in, n_out, kernel_init=init, rngs=rngs)
+# Kernel inits of the projections and feed-forward layers (`model.dense_init`):
+#   "torch":  PyTorch's default Linear init (uniform, bound 1/sqrt(fan_in)), as
+#             in Kang's and generative-recommenders' SASRec; flax's
+#             lecun_normal is sqrt(3) larger;
+#   "normal": N(0, 0.02), as in BERT, RecBole and SASRec+ (Klenitskiy &
+#             Vasilev 2023): sub-layers start near zero, so each block starts
+#             near the identity.
+DENSE_INITS = {
+    "torch": nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+    "normal": nnx.initializers.normal(0.02),
+}
+
+
+def _dense(n_in: int, n_out: int, rngs, init: str = "torch") -> base.Dense:
+  return base.Dense(n_in, n_out, kernel_init=DENSE_INITS[init], rngs=rngs)
 
 
 class MultiHeadAttention(nnx.Module):
@@ -30,7 +40,7 @@ class MultiHeadAttention(nnx.Module):
   """
 
   def __init__(self, dim: int, num_heads: int, variant: str, attn_config=None,
-               *, qk_dim: int = 0, rngs):
+               *, qk_dim: int = 0, dense_init: str = "torch", rngs):
     self.num_heads = num_heads
     self.v_dim = dim // num_heads
     self.qk_dim = qk_dim or self.v_dim
@@ -40,8 +50,9 @@ class MultiHeadAttention(nnx.Module):
     self.core = attention.layer(variant, num_heads, self.qk_dim, attn_config,
                                 rngs=rngs)
     # Columns: [queries | keys | values], each head-major.
-    self.qkv = _dense(dim, num_heads * (2 * self.qk_dim + self.v_dim), rngs)
-    self.out = _dense(num_heads * self.v_dim, dim, rngs)
+    self.qkv = _dense(dim, num_heads * (2 * self.qk_dim + self.v_dim), rngs,
+                      dense_init)
+    self.out = _dense(num_heads * self.v_dim, dim, rngs, dense_init)
 
   def __call__(self, x, mask: attention.Mask, bias=None, *, kv=None,
                return_weights=False, rngs=None):
@@ -83,15 +94,17 @@ class Block(nnx.Module):
   """
 
   def __init__(self, dim, num_heads, ffn_dim, dropout, variant, norm, *,
-               rngs, kv_raw=False, attn_config=None, qk_dim=0):
+               rngs, kv_raw=False, attn_config=None, qk_dim=0,
+               dense_init="torch"):
     self.norm = norm
     self.kv_raw = kv_raw
     self.attn = MultiHeadAttention(dim, num_heads, variant, attn_config,
-                                   qk_dim=qk_dim, rngs=rngs)
+                                   qk_dim=qk_dim, dense_init=dense_init,
+                                   rngs=rngs)
     self.ln_attn = nnx.LayerNorm(dim, epsilon=1e-8, rngs=rngs)
     self.ln_ffn = nnx.LayerNorm(dim, epsilon=1e-8, rngs=rngs)
-    self.ffn_in = _dense(dim, ffn_dim, rngs)
-    self.ffn_out = _dense(ffn_dim, dim, rngs)
+    self.ffn_in = _dense(dim, ffn_dim, rngs, dense_init)
+    self.ffn_out = _dense(ffn_dim, dim, rngs, dense_init)
     self.dropout = dropout_lib.Dropout(dropout)
 
   def _drop(self, x, rngs):
@@ -152,6 +165,7 @@ class SASRec(base.SequenceRecommender):
       positions: str = "right",
       rank_head: bool = False,
       qk_dim: int = 0,
+      dense_init: str = "torch",
       item_attributes=None,
       rngs: nnx.Rngs,
   ):
@@ -162,7 +176,8 @@ class SASRec(base.SequenceRecommender):
                      item_attributes=item_attributes, rngs=rngs)
     self.blocks = nnx.List([
         Block(dim, num_heads, ffn_dim, dropout, attention, norm, rngs=rngs,
-              kv_raw=kv_raw, attn_config=attn_config, qk_dim=qk_dim)
+              kv_raw=kv_raw, attn_config=attn_config, qk_dim=qk_dim,
+              dense_init=dense_init)
         for _ in range(num_blocks)
     ])
     self.final_norm = final_norm
@@ -179,7 +194,8 @@ class SASRec(base.SequenceRecommender):
                norm=get("norm", "sasrec"), kv_raw=get("kv_raw", False),
                pos_init=get("pos_init", 0.02),
                final_norm=get("final_norm", True),
-               qk_dim=get("qk_dim", 0), rngs=rngs)
+               qk_dim=get("qk_dim", 0),
+               dense_init=get("dense_init", "torch"), rngs=rngs)
 
   def output(self, x):
     """The final LayerNorm (when `final_norm`), then the optional unit norm."""
