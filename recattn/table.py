@@ -44,6 +44,7 @@ ADDED_FIELDS = {
     "model.bsarec_alpha": 0.7,  # BSARec's fields (no other model reads
     "model.bsarec_c": 5,  # them) before they existed
     "data.train_on_valid": False,  # validation items held out before f19417a
+    "model.dense_init": "torch",  # PyTorch's Linear init before 25f5c4f
 }
 _SEED_SUFFIX = re.compile(r"_{1,2}seed\d+$")
 
