@@ -13,7 +13,7 @@ CONFIGS = [("sasrec_ml1m", None), ("sasrec_ml1m", "paper"),
            ("sasrec_ml1m", "plus"),
            ("sasrec_beauty", None), ("sasrec_beauty", "softmax_prefix_attr"),
            ("bsarec_beauty", None), ("bsarec_beauty", "attr"),
-           ("hstu_ml1m", None),
+           ("hstu_ml1m", None), ("hstu_beauty", None),
            ("hstu_ml1m", "large"), ("test", None), ("sasrec_ml100k", "stream"),
            ("sasrec_stream", "ml-1m-partial"),
            ("sasrec_stream", "synthetic,ranker"), ("time_aware", "ml-100k"),
@@ -36,6 +36,7 @@ def test_config_validates_and_builds(name, arg):
 
 @pytest.mark.parametrize("name,arg,match", [
     ("hstu_ml1m", "huge", "allowed args"),
+    ("hstu_beauty", "large", "takes no arg"),
     ("sasrec_beauty", "prefix", "allowed args"),
     ("bsarec_beauty", "attributes", "allowed args"),
     ("time_aware", "ml-1m-seq", "data one of"),

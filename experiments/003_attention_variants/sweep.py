@@ -6,7 +6,8 @@ ML-1M (`ml-1m-seq`, max_len 200) and Beauty (max_len 50), full ranking with
 seen items removed and sampled-100 ranking, selection on validation.
 Beauty's rows use the setting study 010 selected on validation
 (`configs/sasrec_beauty.py:softmax_prefix_attr`: exact softmax, one
-training row per prefix, item attributes). Cheap
+training row per prefix, item attributes), and HSTU's model on each
+(`configs/hstu_ml1m.py:large`, `configs/hstu_beauty.py`). Cheap
 variants first: on a 2-core CPU an ML-1M run takes about half an hour with
 softmax attention and several hours with `additive` or `din` (their score
 network is evaluated for every (query, key) pair), so those come last.
@@ -49,7 +50,8 @@ def get_sweep():
   headline = {
       "name": "003_attention_variants",
       "configs": ["configs/sasrec_ml1m.py", "configs/hstu_ml1m.py:large",
-                  "configs/sasrec_beauty.py:softmax_prefix_attr"],
+                  "configs/sasrec_beauty.py:softmax_prefix_attr",
+                  "configs/hstu_beauty.py"],
       "overrides": [{}],
       "seeds": [0, 1, 2],
   }
