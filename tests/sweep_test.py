@@ -306,7 +306,8 @@ def test_unknown_override_field_stops_before_any_run(tmp_path):
     for d in sorted(os.scandir(os.path.join(ROOT, "experiments")),
                     key=lambda e: e.name)
     if os.path.exists(os.path.join(d, "sweep.py"))) + [
-    "experiments/001_sasrec_ml1m/sweep_loss.py"])
+    "experiments/001_sasrec_ml1m/sweep_loss.py",
+    "experiments/001_sasrec_ml1m/sweep_refit.py"])
 def test_shipped_sweeps_expand_and_every_run_validates(path):
   if path == _PARAMS:
     try:
