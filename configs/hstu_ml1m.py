@@ -24,16 +24,16 @@ published 0.1893 includes it.
 from configs import sasrec_ml1m
 
 
-def use_hstu_block(c, num_heads: int = 2):
+def use_hstu_block(c):
   """Swaps `c`'s model for HSTU's, as generative-recommenders' research code
-  sets it: `num_heads` heads with Q/K and U/V of dim / heads each, alpha 1,
-  the padded-length normaliser and a relative position bias."""
+  sets it: 2 heads with Q/K and U/V of dim / 2 each, alpha 1, the
+  padded-length normaliser and a relative position bias."""
   c.model.name = "hstu"
   c.model.attention = "hstu"
   c.model.rel_bias = "position"
-  c.model.num_heads = num_heads
-  c.model.qk_dim = c.model.dim // num_heads
-  c.model.v_dim = c.model.dim // num_heads
+  c.model.num_heads = 2
+  c.model.qk_dim = c.model.dim // 2
+  c.model.v_dim = c.model.dim // 2
   c.model.attn.alpha = 1.0
   c.model.attn.normalizer = "padded"
   return c
