@@ -12,8 +12,9 @@ training code is loaded.
 Clients post events (`POST /v1/events`) and ask for top-k items
 (`GET /v1/recommendations`); each user's state is updated incrementally by
 `recattn.serving.engine.Engine` and held in memory (at most `--max_users`,
-least recently used evicted). Endpoints, batching and the snapshot format:
-`recattn/serving/service.py`.
+least recently used evicted). Endpoints: `recattn/serving/server.py`;
+batching: `recattn/serving/service.py`; the snapshot format:
+`recattn/serving/state_store.py`.
 
 `--restore_snapshot` loads `--snapshot` at start (a missing file starts
 empty, with a warning; an unreadable or mismatched one is an error). On
@@ -32,6 +33,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from recattn.serving import server as server_lib
 from recattn.serving import service as service_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained run's workdir.")
@@ -91,7 +93,7 @@ def main(argv):
     else:
       logging.warning("No snapshot at %s yet; starting with no users.",
                       _SNAPSHOT.value)
-  server = service_lib.make_server(service, _HOST.value, _PORT.value)
+  server = server_lib.make_server(service, _HOST.value, _PORT.value)
   stop = threading.Event()
 
   def on_signal(signum, frame):
@@ -101,7 +103,7 @@ def main(argv):
 
   signal.signal(signal.SIGINT, on_signal)
   signal.signal(signal.SIGTERM, on_signal)
-  thread = service_lib.serve_in_thread(server)
+  thread = server_lib.serve_in_thread(server)
   logging.info("Serving %s (%s) at %s", _WORKDIR.value or _EXPORT.value,
                service.description.get("model"), server.url)
   print(f"Serving at {server.url}", flush=True)

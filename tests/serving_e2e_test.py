@@ -14,6 +14,7 @@ from recattn import train
 from recattn.data import loading as data_lib
 from recattn.serving import engine as engine_lib
 from recattn.serving import export as export_lib
+from recattn.serving import server as server_lib
 from recattn.serving import service as service_lib
 
 
@@ -37,8 +38,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _serve(engine):
   service = service_lib.Service(engine, max_users=100, max_batch=8)
-  server = service_lib.make_server(service, "127.0.0.1", 0)
-  thread = service_lib.serve_in_thread(server, poll_interval=0.05)
+  server = server_lib.make_server(service, "127.0.0.1", 0)
+  thread = server_lib.serve_in_thread(server, poll_interval=0.05)
   return service, server, thread
 
 

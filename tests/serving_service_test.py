@@ -1,4 +1,5 @@
-"""Tests for the HTTP serving layer (`recattn.serving.service`).
+"""Tests for the HTTP serving layer (`recattn.serving.service`, `server`,
+`state_store` and `monitoring`).
 
 The engine is `serving.fake.FakeEngine` (ranking: the items after the
 newest one, l+1, l+2, ...; see its docstring), so every answer is known
@@ -20,7 +21,9 @@ import numpy as np
 import pytest
 
 from recattn.serving import fake
+from recattn.serving import server as server_lib
 from recattn.serving import service as service_lib
+from recattn.serving import state_store
 
 NUM_ITEMS, MAX_LEN = 50, 8
 
@@ -31,8 +34,8 @@ class Client:
   def __init__(self, engine=None, **kwargs):
     self.engine = engine or fake.FakeEngine(NUM_ITEMS, MAX_LEN)
     self.service = service_lib.Service(self.engine, **kwargs)
-    self.server = service_lib.make_server(self.service, port=0)
-    self.thread = service_lib.serve_in_thread(self.server, 0.05)
+    self.server = server_lib.make_server(self.service, port=0)
+    self.thread = server_lib.serve_in_thread(self.server, 0.05)
 
   def close(self):
     self.server.shutdown()
@@ -512,28 +515,28 @@ def test_bad_snapshots_give_clear_errors(make_client, tmp_path):
   b = make_client()
   garbage = tmp_path / "garbage.npz"
   garbage.write_bytes(b"not a zip at all")
-  with pytest.raises(service_lib.SnapshotError,
+  with pytest.raises(state_store.SnapshotError,
                      match=f"{garbage}.*not a snapshot"):
     b.service.load_snapshot(str(garbage))
   truncated = tmp_path / "truncated.npz"
   truncated.write_bytes(open(path, "rb").read()[:-200])
-  with pytest.raises(service_lib.SnapshotError, match=str(truncated)):
+  with pytest.raises(state_store.SnapshotError, match=str(truncated)):
     b.service.load_snapshot(str(truncated))
-  with pytest.raises(service_lib.SnapshotError, match="no such file"):
+  with pytest.raises(state_store.SnapshotError, match="no such file"):
     b.service.load_snapshot(str(tmp_path / "missing.npz"))
   shorter = make_client(engine=fake.FakeEngine(NUM_ITEMS, max_len=5))
-  with pytest.raises(service_lib.SnapshotError,
+  with pytest.raises(state_store.SnapshotError,
                      match=f"{path}: written for max_len=8, this engine has 5"):
     shorter.service.load_snapshot(path)
   other_catalogue = make_client(engine=fake.FakeEngine(NUM_ITEMS, seed=1))
-  with pytest.raises(service_lib.SnapshotError, match="catalogue_sha256"):
+  with pytest.raises(state_store.SnapshotError, match="catalogue_sha256"):
     other_catalogue.service.load_snapshot(path)
   # Same facts, other state layout: named key, dtype and shape.
   template = {"items": np.zeros(MAX_LEN, np.int64),
               "times": np.zeros(MAX_LEN, np.int64),
               "count": np.zeros((), np.int64)}
-  store = service_lib.StateStore(template, 10)
-  with pytest.raises(service_lib.SnapshotError,
+  store = state_store.StateStore(template, 10)
+  with pytest.raises(state_store.SnapshotError,
                      match=r"state/items is <i4\(6, 8\).*<i8\(6, 8\)"):
     store.load(path)
   assert len(b.service.store) == 0  # Nothing loaded by any failure.
@@ -551,7 +554,7 @@ def test_failed_snapshot_keeps_the_previous_file(make_client, tmp_path,
   def broken_fsync(fd):
     raise OSError(28, "No space left on device")
 
-  monkeypatch.setattr(service_lib.os, "fsync", broken_fsync)
+  monkeypatch.setattr(state_store.os, "fsync", broken_fsync)
   status, reply = c.request("POST", "/v1/snapshot")
   assert status == 500
   assert "previous file kept" in reply["error"] and path in reply["error"]

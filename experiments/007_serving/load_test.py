@@ -43,6 +43,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from recattn.serving import fake  # pylint: disable=g-import-not-at-top
+from recattn.serving import server as server_lib
 from recattn.serving import service as service_lib
 
 FLAGS = flags.FLAGS
@@ -111,8 +112,8 @@ def _start_in_process():
   service = service_lib.Service(
       engine, max_users=FLAGS.max_users, max_batch=FLAGS.max_batch,
       max_wait_ms=FLAGS.max_wait_ms)
-  server = service_lib.make_server(service, "127.0.0.1", 0)
-  service_lib.serve_in_thread(server)
+  server = server_lib.make_server(service, "127.0.0.1", 0)
+  server_lib.serve_in_thread(server)
   return service, server
 
 

@@ -1,36 +1,19 @@
-r"""Real-time recommendation over HTTP: per-user state, micro-batched engine.
+"""Real-time recommendation over HTTP: per-user state, micro-batched engine.
 
 Three layers, each usable without the next (the tests drive all three):
 
-* `StateStore`: every user's engine state in memory, bounded by `max_users`
-  with least-recently-used eviction, and atomic snapshots to one file.
-* `Service`: requests in original item ids, validated in full before
-  anything is queued, mapped to the engine's internal ids and answered by
-  one worker thread that drains a queue in micro-batches (up to `max_batch`
-  requests, waiting at most `max_wait_ms` after the first). The engine is
-  called only from that thread: `observe` and `recommend` once per batch
-  each (`recommend` once per `exclude_seen` value), so concurrent clients
-  share engine calls.
-* `make_server`: a stdlib HTTP front end (JSON in and out), 127.0.0.1 by
-  default; `recattn.serve` runs it.
-
-Endpoints:
-  POST /v1/events {"user_id": str, "item_id": int, "timestamp": int?}
-      -> {"user_id", "events": this user's count}
-  GET  /v1/recommendations?user_id=..&k=10&exclude_seen=true
-      -> {"user_id", "items": [original ids], "scores" (NaN: null),
-          "cold_start": no state held for this user}
-  POST /v1/score {"user_id": str, "item_ids": [int, ...]}
-      -> {"user_id", "items": the ids as sent, "scores": target-aware
-          logits of the model's ranking head (each candidate seen after the
-          user's history, not next to the other candidates), "cold_start"};
-          501 when the model has no ranking head
-  GET  /healthz -> {"status": "ok", **engine.describe(), ...}
-  GET  /metrics[?format=prometheus]
-  POST /v1/snapshot -> {"path", "users", "bytes", ...}: writes the
-      `--snapshot` file (a client cannot choose where the server writes)
-Errors are 4xx/5xx with `{"error": message}`; the message names the field
-and what is allowed. Never a traceback.
+* `state_store.StateStore`: every user's engine state in memory, bounded
+  by `max_users` with least-recently-used eviction, and atomic snapshots to
+  one file (their layout: `state_store`).
+* `Service` (this module): requests in original item ids, validated in full
+  before anything is queued, mapped to the engine's internal ids and
+  answered by one worker thread that drains a queue in micro-batches (up to
+  `max_batch` requests, waiting at most `max_wait_ms` after the first). The
+  engine is called only from that thread: `observe` and `recommend` once
+  per batch each (`recommend` once per `exclude_seen` value), so concurrent
+  clients share engine calls. Counters and latencies: `monitoring`.
+* `server.make_server`: a stdlib HTTP front end (JSON in and out; the
+  endpoints: `server`); `recattn.serve` runs it.
 
 Ordering. A user's events are applied in arrival order: inside one batch
 the i-th event of each user goes into the i-th of a sequence of `observe`
@@ -42,48 +25,29 @@ Failure. An engine exception fails that batch's requests of that kind (500)
 and stores nothing from them; states of other users, and of these users,
 are as before. An event without a timestamp gets the arrival time (unix
 seconds).
-
-Snapshot layout: one `.npz` (a zip of `.npy` members, no pickle) written to
-a temporary file beside the target, fsynced, then `os.replace`d, so a
-reader sees the old file or the new one, never a part:
-  meta          uint8 [bytes]: UTF-8 JSON {"format", "version", "user_ids"
-                (least recently used first), "keys" ({key: {shape, dtype}}),
-                "fingerprint" (num_items, max_len, catalogue_sha256),
-                "engine" (describe()), "created", "evictions"}
-  events        int64 [U]: events seen per user
-  state/<key>   [U, *shape] per key of `engine.new_state()`
 """
 
 import collections
 import concurrent.futures
-import contextlib
 import dataclasses
 import hashlib
-import http.server
 import json
 import math
-import os
 import queue
-import re
-import sys
-import tempfile
 import threading
 import time
-import urllib.parse
-import zipfile
 
 from absl import logging
 import numpy as np
 
+from recattn.serving import monitoring
+from recattn.serving import state_store
+
 MAX_K = 1000
 MAX_USER_ID_CHARS = 256
-MAX_BODY_BYTES = 64 * 1024
-_DRAIN_BYTES = 1 << 20  # larger unwanted bodies: close instead of reading
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _TIME_MAX = 2**31 - 1  # engines keep int32 seconds (time-interval biases)
 _K_BUCKETS = (16, 32, 64, 128, 256, 512, 1024)  # engine k, to bound jit shapes
-_SNAPSHOT_FORMAT = "recattn-serving-snapshot"
-_SNAPSHOT_VERSION = 1
 
 
 class RequestError(Exception):
@@ -101,386 +65,6 @@ class EngineError(RequestError):
 
   def __init__(self, message: str):
     super().__init__(500, message)
-
-
-class SnapshotError(ValueError):
-  """A snapshot that cannot be read or used; the message names the file."""
-
-
-# ---------------------------------------------------------------------------
-# State store.
-
-
-def _state_spec(template: dict) -> dict[str, tuple[tuple[int, ...], str]]:
-  return {k: (tuple(np.shape(v)), np.asarray(v).dtype.str)
-          for k, v in template.items()}
-
-
-class StateStore:
-  """Users' engine states: bounded, least recently used evicted first.
-
-  Each user holds (state, events): the engine's state dict, treated as
-  immutable (the engine returns new states; the store keeps references),
-  and the number of events seen. Thread-safe; `snapshot` copies references
-  under the lock and writes without it.
-  """
-
-  def __init__(self, template: dict, max_users: int,
-               fingerprint: dict | None = None):
-    """Makes an empty store.
-
-    Args:
-      template: a fresh state (`engine.new_state()`): the keys, shapes and
-        dtypes every state and snapshot must have.
-      max_users: users held (>= 1); more evict the least recently used.
-      fingerprint: JSON-able facts a snapshot must match to be loaded (the
-        catalogue and window), beyond its shapes.
-    """
-    if max_users < 1:
-      raise ValueError(f"max_users must be >= 1, got {max_users}")
-    self.max_users = max_users
-    self.spec = _state_spec(template)
-    self.fingerprint = dict(fingerprint or {})
-    self._users = collections.OrderedDict()  # user -> (state, events)
-    self._lock = threading.Lock()
-    self._snapshot_lock = threading.Lock()
-    self.evictions = 0
-
-  def __len__(self) -> int:
-    return len(self._users)
-
-  def __contains__(self, user_id) -> bool:
-    return user_id in self._users
-
-  def get(self, user_id: str, touch: bool = True):
-    """(state, events) or None; `touch` marks the user recently used."""
-    with self._lock:
-      entry = self._users.get(user_id)
-      if entry is not None and touch:
-        self._users.move_to_end(user_id)
-      return entry
-
-  def put(self, user_id: str, state: dict, events: int):
-    self.put_many([(user_id, state, events)])
-
-  def put_many(self, entries):
-    """Stores (user, state, events) in order (the last is most recent)."""
-    with self._lock:
-      for user_id, state, events in entries:
-        self._users[user_id] = (state, int(events))
-        self._users.move_to_end(user_id)
-      while len(self._users) > self.max_users:
-        self._users.popitem(last=False)
-        self.evictions += 1
-
-  def user_ids(self) -> list[str]:
-    """Users, least recently used first."""
-    with self._lock:
-      return list(self._users)
-
-  def check_state(self, state, what: str):
-    """Raises ValueError unless `state` has the template's keys/shapes."""
-    if not isinstance(state, dict) or set(state) != set(self.spec):
-      keys = sorted(state) if isinstance(state, dict) else type(state).__name__
-      raise ValueError(f"{what}: keys {keys}, expected {sorted(self.spec)}")
-    for key, (shape, dtype) in self.spec.items():
-      v = state[key]
-      if not isinstance(v, (np.ndarray, np.generic)):
-        raise ValueError(f"{what}: state[{key!r}] is {type(v).__name__}, "
-                         "expected a numpy array")
-      if v.shape != shape or v.dtype.str != dtype:
-        raise ValueError(f"{what}: state[{key!r}] is {v.dtype.str}{v.shape}, "
-                         f"expected {dtype}{shape}")
-
-  def snapshot(self, path: str, extra_meta: dict | None = None) -> dict:
-    """Writes all users atomically to `path` (layout: module docstring).
-
-    On any failure the temporary file is removed and `path` is untouched.
-    Returns {"path", "users", "bytes", "seconds"}.
-    """
-    start = time.perf_counter()
-    with self._lock:
-      users = list(self._users.items())
-      evictions = self.evictions
-    meta = {"format": _SNAPSHOT_FORMAT, "version": _SNAPSHOT_VERSION,
-            "user_ids": [u for u, _ in users],
-            "keys": {k: {"shape": list(s), "dtype": d}
-                     for k, (s, d) in self.spec.items()},
-            "fingerprint": self.fingerprint, "created": time.time(),
-            "evictions": evictions, **(extra_meta or {})}
-    path = os.path.abspath(path)
-    directory = os.path.dirname(path)
-    with self._snapshot_lock:
-      os.makedirs(directory, exist_ok=True)
-      fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.",
-                                 suffix=".tmp", dir=directory)
-      try:
-        with os.fdopen(fd, "wb") as f:
-          with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED,
-                               allowZip64=True) as zf:
-            _write_npy(zf, "meta", np.frombuffer(
-                json.dumps(meta).encode(), np.uint8))
-            _write_npy(zf, "events",
-                       np.array([e for _, (_, e) in users], np.int64))
-            for key, (shape, dtype) in self.spec.items():
-              # One key at a time: peak extra memory is one stacked key.
-              stacked = np.empty((len(users),) + shape, np.dtype(dtype))
-              for i, (_, (state, _)) in enumerate(users):
-                stacked[i] = state[key]
-              _write_npy(zf, f"state/{key}", stacked)
-              del stacked
-          f.flush()
-          os.fsync(f.fileno())
-        os.replace(tmp, path)
-      except BaseException:
-        with contextlib.suppress(OSError):
-          os.unlink(tmp)
-        raise
-      _fsync_dir(directory)
-    return {"path": path, "users": len(users), "bytes": os.path.getsize(path),
-            "seconds": time.perf_counter() - start}
-
-  def load(self, path: str) -> dict:
-    """Replaces every user with those of the snapshot at `path`.
-
-    Validates the format, the state keys, shapes and dtypes (against the
-    template) and the fingerprint before replacing anything; raises
-    SnapshotError naming the file otherwise. If the snapshot holds more
-    than `max_users`, the most recently used are kept. Returns {"path",
-    "users", "dropped"}.
-    """
-    def fail(problem):
-      return SnapshotError(f"snapshot {path}: {problem}")
-
-    if not os.path.exists(path):
-      raise fail("no such file")
-    try:
-      zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
-      raise fail(f"not a snapshot (.npz) file: {e}") from e
-    with zf:
-      names = set(zf.namelist())
-
-      def read(name):
-        if f"{name}.npy" not in names:
-          raise fail(f"member {name!r} missing (has {sorted(names)})")
-        try:
-          with zf.open(f"{name}.npy") as f:
-            return np.lib.format.read_array(f, allow_pickle=False)
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-          raise fail(f"member {name!r} unreadable: {e}") from e
-
-      meta_bytes = read("meta")
-      try:
-        meta = json.loads(meta_bytes.tobytes())
-      except ValueError as e:
-        raise fail(f"meta is not JSON: {e}") from e
-      if not isinstance(meta, dict) or meta.get("format") != _SNAPSHOT_FORMAT:
-        raise fail(f"format is not {_SNAPSHOT_FORMAT!r}")
-      if meta.get("version") != _SNAPSHOT_VERSION:
-        raise fail(f"version {meta.get('version')!r}, this server reads "
-                   f"{_SNAPSHOT_VERSION}")
-      for key, want in self.fingerprint.items():
-        got = meta.get("fingerprint", {}).get(key)
-        if got != want:
-          raise fail(f"written for {key}={got!r}, this engine has {want!r}")
-      user_ids = meta.get("user_ids")
-      if (not isinstance(user_ids, list)
-          or not all(isinstance(u, str) for u in user_ids)):
-        raise fail("meta.user_ids is not a list of strings")
-      if len(set(user_ids)) != len(user_ids):
-        raise fail("meta.user_ids has duplicates")
-      n = len(user_ids)
-      events = read("events")
-      if events.shape != (n,) or events.dtype != np.int64 or np.any(
-          events < 0):
-        raise fail(f"events is {events.dtype}{events.shape}, expected "
-                   f"int64({n},) >= 0")
-      extra = {name[len("state/"):-len(".npy")] for name in names
-               if name.startswith("state/")} - set(self.spec)
-      if extra:
-        raise fail(f"state keys {sorted(extra)} not in this engine's state "
-                   f"{sorted(self.spec)}")
-      arrays = {}
-      for key, (shape, dtype) in self.spec.items():
-        a = read(f"state/{key}")
-        if a.shape != (n,) + shape or a.dtype.str != dtype:
-          raise fail(f"state/{key} is {a.dtype.str}{a.shape}, this engine's "
-                     f"state needs {dtype}{(n,) + shape}")
-        arrays[key] = a
-    keep = range(max(0, n - self.max_users), n)
-    users = collections.OrderedDict(
-        (user_ids[i], ({k: a[i].copy() for k, a in arrays.items()},
-                       int(events[i]))) for i in keep)
-    with self._lock:
-      self._users = users
-    return {"path": path, "users": len(users), "dropped": n - len(users)}
-
-
-def _write_npy(zf: zipfile.ZipFile, name: str, array: np.ndarray):
-  with zf.open(f"{name}.npy", "w", force_zip64=True) as f:
-    np.lib.format.write_array(f, np.ascontiguousarray(array),
-                              allow_pickle=False)
-
-
-def _fsync_dir(directory: str):
-  """Makes a rename durable; some platforms cannot open a directory."""
-  with contextlib.suppress(OSError):
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-      os.fsync(fd)
-    finally:
-      os.close(fd)
-
-
-# ---------------------------------------------------------------------------
-# Metrics.
-
-
-def process_rss_bytes() -> tuple[int | None, str]:
-  """(resident set size in bytes, source); (None, "unavailable") if unknown.
-
-  /proc/self/statm gives the current RSS (Linux); elsewhere the peak from
-  getrusage is the best available, and says so.
-  """
-  try:
-    with open("/proc/self/statm") as f:
-      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"), "statm"
-  except (OSError, ValueError, IndexError):
-    pass
-  try:
-    import resource  # pylint: disable=g-import-not-at-top
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak * (1 if sys.platform == "darwin" else 1024), "peak_rusage"
-  except (ImportError, OSError, ValueError):
-    return None, "unavailable"
-
-
-class _Window:
-  """The last `size` values of a measure, with an all-time count."""
-
-  def __init__(self, size: int):
-    self.values = collections.deque(maxlen=size)
-    self.count = 0
-
-  def add(self, value: float):
-    self.values.append(value)
-    self.count += 1
-
-  def summary(self, scale: float = 1.0) -> dict:
-    out = {"count": self.count, "window": len(self.values)}
-    if self.values:
-      v = np.asarray(self.values, np.float64) * scale
-      out.update(p50=float(np.percentile(v, 50)),
-                 p99=float(np.percentile(v, 99)), max=float(v.max()),
-                 mean=float(v.mean()))
-    return out
-
-
-class Metrics:
-  """Counters and bounded latency windows; thread-safe."""
-
-  def __init__(self, window: int = 10_000):
-    self._lock = threading.Lock()
-    self._window = window
-    self.started = time.time()
-    self.requests = collections.Counter()  # (endpoint, status) -> count
-    self.latency = collections.defaultdict(lambda: _Window(self._window))
-    self.engine = collections.defaultdict(lambda: _Window(self._window))
-    self.batch_sizes = _Window(window)
-    self.events = 0
-    self.engine_errors = 0
-    self.snapshots = {"count": 0, "last": None}
-
-  def record_request(self, endpoint: str, status: int, seconds: float):
-    with self._lock:
-      self.requests[(endpoint, status)] += 1
-      self.latency[endpoint].add(seconds)
-
-  def record_batch(self, size: int):
-    with self._lock:
-      self.batch_sizes.add(size)
-
-  def record_engine(self, kind: str, seconds: float):
-    with self._lock:
-      self.engine[kind].add(seconds)
-
-  def record_events(self, n: int):
-    with self._lock:
-      self.events += n
-
-  def record_engine_error(self):
-    with self._lock:
-      self.engine_errors += 1
-
-  def record_snapshot(self, info: dict):
-    with self._lock:
-      self.snapshots["count"] += 1
-      self.snapshots["last"] = dict(info, time=time.time())
-
-  def summary(self) -> dict:
-    with self._lock:
-      requests = collections.defaultdict(dict)
-      for (endpoint, status), n in sorted(self.requests.items()):
-        requests[endpoint][str(status)] = n
-      return {
-          "uptime_s": time.time() - self.started,
-          "requests": dict(requests),
-          "events": self.events,
-          "engine_errors": self.engine_errors,
-          "latency_ms": {e: w.summary(1e3)
-                         for e, w in sorted(self.latency.items())},
-          "engine_ms": {k: w.summary(1e3)
-                        for k, w in sorted(self.engine.items())},
-          "batch_size": self.batch_sizes.summary(),
-          "snapshots": dict(self.snapshots),
-      }
-
-
-def prometheus_text(summary: dict) -> str:
-  """The JSON metrics as Prometheus text exposition (version 0.0.4)."""
-  lines = []
-
-  def metric(name, kind, help_text, samples):
-    lines.append(f"# HELP recattn_{name} {help_text}")
-    lines.append(f"# TYPE recattn_{name} {kind}")
-    for labels, value in samples:
-      if value is None:
-        continue
-      label = ",".join(f'{k}="{v}"' for k, v in labels.items())
-      lines.append(f"recattn_{name}{{{label}}} {value}" if label
-                   else f"recattn_{name} {value}")
-
-  metric("requests_total", "counter", "HTTP requests by endpoint and status.",
-         [({"endpoint": e, "status": s}, n)
-          for e, by in summary["requests"].items() for s, n in by.items()])
-  for name, key, help_text in (
-      ("events_total", "events", "Events applied to user states."),
-      ("engine_errors_total", "engine_errors", "Engine calls that raised."),
-      ("evictions_total", "evictions", "Users evicted from the store.")):
-    metric(name, "counter", help_text, [({}, summary[key])])
-  for name, key, help_text in (
-      ("users", "users", "Users in the store."),
-      ("queue_depth", "queue_depth", "Requests waiting for the worker."),
-      ("rss_bytes", "rss_bytes", "Resident set size of the process."),
-      ("uptime_seconds", "uptime_s", "Seconds since the service started.")):
-    metric(name, "gauge", help_text, [({}, summary[key])])
-  metric("latency_ms", "summary", "Request latency over a recent window.",
-         [({"endpoint": e, "quantile": q}, w.get(p))
-          for e, w in summary["latency_ms"].items()
-          for q, p in (("0.5", "p50"), ("0.99", "p99"))])
-  metric("engine_ms", "summary", "Engine call time over a recent window.",
-         [({"kind": e, "quantile": q}, w.get(p))
-          for e, w in summary["engine_ms"].items()
-          for q, p in (("0.5", "p50"), ("0.99", "p99"))])
-  metric("batch_size", "summary", "Requests per micro-batch (recent).",
-         [({"quantile": q}, summary["batch_size"].get(p))
-          for q, p in (("0.5", "p50"), ("0.99", "p99"))])
-  return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------------------
-# Service.
 
 
 @dataclasses.dataclass
@@ -503,7 +87,8 @@ def _is_int(value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _type_name(value) -> str:
+def type_name(value) -> str:
+  """A value's type as error messages name it (JSON's "null" for None)."""
   return "null" if value is None else type(value).__name__
 
 
@@ -511,7 +96,7 @@ def check_user_id(value) -> str:
   if (not isinstance(value, str) or not value
       or len(value) > MAX_USER_ID_CHARS):
     got = (f"a string of {len(value)} characters" if isinstance(value, str)
-           else _type_name(value))
+           else type_name(value))
     raise RequestError(400, f"user_id must be a string of 1 to "
                        f"{MAX_USER_ID_CHARS} characters, got {got}")
   return value
@@ -563,9 +148,9 @@ class Service:
         "num_items": self.num_items, "max_len": self.max_len,
         "catalogue_sha256": hashlib.sha256(self._original.tobytes())
                             .hexdigest()}
-    self.store = StateStore(self._fresh, max_users, fingerprint)
+    self.store = state_store.StateStore(self._fresh, max_users, fingerprint)
     self.store.check_state(self._fresh, "engine.new_state()")
-    self.metrics = Metrics(metrics_window)
+    self.metrics = monitoring.Metrics(metrics_window)
     self._queue = queue.Queue(max_queue)
     self._max_queue = max_queue
     self._apply_lock = threading.Lock()  # the worker's batches vs. load
@@ -597,7 +182,7 @@ class Service:
     user_id = check_user_id(user_id)
     if not _is_int(item_id):
       raise RequestError(400, "item_id must be an integer (an original item "
-                         f"id of the catalogue), got {_type_name(item_id)}")
+                         f"id of the catalogue), got {type_name(item_id)}")
     item = self.internal_id(item_id)
     if item is None:
       raise RequestError(400, f"item_id {item_id} is not in the catalogue "
@@ -605,7 +190,7 @@ class Service:
     if timestamp is None:
       timestamp = int(time.time())
     elif not _is_int(timestamp) or not 0 <= timestamp <= _TIME_MAX:
-      got = timestamp if _is_int(timestamp) else _type_name(timestamp)
+      got = timestamp if _is_int(timestamp) else type_name(timestamp)
       raise RequestError(400, "timestamp must be an integer in 0.."
                          f"{_TIME_MAX} (unix seconds; the model's int32 "
                          f"time features) or absent, got {got}")
@@ -617,12 +202,12 @@ class Service:
     """Validates a recommendation request and queues it (a future)."""
     user_id = check_user_id(user_id)
     if not _is_int(k) or not 1 <= k <= self.max_k:
-      got = k if _is_int(k) else _type_name(k)
+      got = k if _is_int(k) else type_name(k)
       raise RequestError(400, f"k must be an integer in [1, {self.max_k}], "
                          f"got {got}")
     if not isinstance(exclude_seen, bool):
       raise RequestError(400, "exclude_seen must be true or false, got "
-                         f"{_type_name(exclude_seen)}")
+                         f"{type_name(exclude_seen)}")
     return self._submit(_Pending("recommend", user_id,
                                  concurrent.futures.Future(), k=k,
                                  exclude_seen=exclude_seen))
@@ -636,7 +221,7 @@ class Service:
                          f"{why}")
     if not isinstance(item_ids, list) or not item_ids:
       raise RequestError(400, "item_ids must be a non-empty list of original "
-                         f"item ids, got {_type_name(item_ids)}")
+                         f"item ids, got {type_name(item_ids)}")
     if len(item_ids) > self.max_candidates:
       raise RequestError(400, f"item_ids holds {len(item_ids)} ids; at most "
                          f"{self.max_candidates} per request")
@@ -645,7 +230,7 @@ class Service:
       if not _is_int(item_id):
         raise RequestError(400, f"item_ids[{i}] must be an integer (an "
                            "original item id of the catalogue), got "
-                           f"{_type_name(item_id)}")
+                           f"{type_name(item_id)}")
       item = self.internal_id(item_id)
       if item is None:
         raise RequestError(400, f"item_ids[{i}] = {item_id} is not in the "
@@ -679,7 +264,7 @@ class Service:
             "max_users": self.store.max_users}
 
   def metrics_summary(self) -> dict:
-    rss, source = process_rss_bytes()
+    rss, source = monitoring.process_rss_bytes()
     return {**self.metrics.summary(), "users": len(self.store),
             "max_users": self.store.max_users,
             "evictions": self.store.evictions,
@@ -694,7 +279,7 @@ class Service:
                          "start the server with --snapshot")
     if not isinstance(path, str) or not path:
       raise RequestError(400, "path must be a non-empty string (a file path "
-                         f"on the server), got {_type_name(path)}")
+                         f"on the server), got {type_name(path)}")
     try:
       info = self.store.snapshot(path, {"engine": self.description})
     except OSError as e:
@@ -871,7 +456,6 @@ class Service:
                        for x in scores[i, :p.k][keep].tolist()],
             "cold_start": cold[i]})
 
-
   def _apply_scores(self, requests: list[_Pending]):
     if not requests:
       return
@@ -898,316 +482,3 @@ class Service:
           "user_id": p.user_id, "items": list(p.candidates[1]),
           "scores": [float(v) for v in np.asarray(x, np.float32)],
           "cold_start": c})
-
-
-# ---------------------------------------------------------------------------
-# HTTP.
-
-
-@dataclasses.dataclass(frozen=True)
-class _Route:
-  method: str
-  handler: str  # _Handler method name
-  body: str  # "required", "optional" or "none"
-
-
-_ROUTES = {
-    "/v1/events": _Route("POST", "_events", "required"),
-    "/v1/recommendations": _Route("GET", "_recommendations", "none"),
-    "/v1/snapshot": _Route("POST", "_snapshot", "optional"),
-    "/v1/score": _Route("POST", "_score", "required"),
-    "/healthz": _Route("GET", "_healthz", "none"),
-    "/metrics": _Route("GET", "_metrics", "none"),
-}
-_DIGITS = re.compile(r"[0-9]{1,9}")
-
-
-def _no_duplicate_keys(pairs):
-  keys = [k for k, _ in pairs]
-  dup = sorted({k for k in keys if keys.count(k) > 1})
-  if dup:
-    raise RequestError(400, f"duplicate JSON keys {dup}")
-  return dict(pairs)
-
-
-def _json_object(body: bytes, fields: dict[str, str]) -> dict:
-  """The body as a JSON object with only `fields` (name -> description)."""
-  allowed = ", ".join(f"{k} ({v})" for k, v in fields.items())
-  try:
-    obj = json.loads(body, object_pairs_hook=_no_duplicate_keys)
-  except (ValueError, RecursionError) as e:
-    raise RequestError(400, f"body is not valid JSON ({e}); expected an "
-                       f"object with {allowed}") from None
-  if not isinstance(obj, dict):
-    raise RequestError(400, f"body must be a JSON object with {allowed}, got "
-                       f"{_type_name(obj)}")
-  unknown = sorted(set(obj) - set(fields))
-  if unknown:
-    raise RequestError(400, f"unknown field(s) {unknown}; allowed: {allowed}")
-  return obj
-
-
-def _query(query: str, fields: dict[str, str]) -> dict[str, str]:
-  allowed = ", ".join(f"{k} ({v})" for k, v in fields.items())
-  try:
-    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True,
-                                   strict_parsing=bool(query),
-                                   max_num_fields=16)
-  except ValueError as e:
-    raise RequestError(400, f"malformed query string ({e}); allowed "
-                       f"parameters: {allowed}") from None
-  out = {}
-  for k, v in pairs:
-    if k not in fields:
-      raise RequestError(400, f"unknown parameter {k!r}; allowed: {allowed}")
-    if k in out:
-      raise RequestError(400, f"parameter {k!r} given twice")
-    out[k] = v
-  return out
-
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-  """JSON over HTTP/1.1 keep-alive; every reply has a JSON body."""
-
-  protocol_version = "HTTP/1.1"
-  server_version = "recattn-serve"
-  sys_version = ""
-  timeout = 60  # seconds an idle kept-alive connection is held
-  # Headers and body go out in two writes; with Nagle's algorithm the body
-  # would wait for the client's delayed ACK (~40 ms) on a kept-alive socket.
-  disable_nagle_algorithm = True
-
-  @property
-  def service(self) -> Service:
-    return self.server.service
-
-  def do_GET(self):  # pylint: disable=invalid-name
-    self._handle("GET")
-
-  def do_POST(self):  # pylint: disable=invalid-name
-    self._handle("POST")
-
-  def do_PUT(self):  # pylint: disable=invalid-name
-    self._handle("PUT")
-
-  def do_DELETE(self):  # pylint: disable=invalid-name
-    self._handle("DELETE")
-
-  def do_PATCH(self):  # pylint: disable=invalid-name
-    self._handle("PATCH")
-
-  def do_HEAD(self):  # pylint: disable=invalid-name
-    self._handle("HEAD")
-
-  def do_OPTIONS(self):  # pylint: disable=invalid-name
-    self._handle("OPTIONS")
-
-  def log_message(self, format, *args):  # pylint: disable=redefined-builtin
-    logging.debug("%s %s", self.address_string(), format % args)
-
-  def send_error(self, code, message=None, explain=None):
-    """The base class's errors (bad request line, headers), as JSON."""
-    del explain
-    self.close_connection = True
-    short = self.responses.get(code, ("error",))[0]
-    self._send(code, {"error": message or short})
-
-  def _handle(self, method: str):
-    start = time.perf_counter()
-    url = urllib.parse.urlsplit(self.path)
-    route = _ROUTES.get(url.path)
-    endpoint = url.path if route else "other"
-    headers = {}
-    try:
-      if route is None:
-        self._discard_body()
-        raise RequestError(404, f"unknown path {url.path!r}; endpoints: "
-                           + ", ".join(f"{r.method} {p}"
-                                       for p, r in _ROUTES.items()))
-      if method != route.method:
-        self._discard_body()
-        raise RequestError(405, f"{url.path} allows {route.method}, not "
-                           f"{method}", {"Allow": route.method})
-      body = self._read_body(route.body)
-      status, payload = 200, getattr(self, route.handler)(url.query, body)
-    except RequestError as e:
-      status, payload, headers = e.status, {"error": e.message}, e.headers
-    except Exception as e:  # pylint: disable=broad-except
-      logging.exception("Unhandled error on %s %s", method, self.path)
-      status = 500
-      payload = {"error": f"internal error: {type(e).__name__}: {e}"}
-    # Counted before the reply goes out: a client that has its reply finds
-    # the request in /metrics (another connection's handler thread may
-    # otherwise answer /metrics first). Latency ends before the write.
-    self.service.metrics.record_request(endpoint, status,
-                                        time.perf_counter() - start)
-    self._send(status, payload, headers)
-
-  def _content_length(self) -> int | None:
-    if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-      self.close_connection = True
-      raise RequestError(411, "chunked bodies are not supported; send "
-                         "Content-Length")
-    length = self.headers.get("Content-Length")
-    if length is None:
-      return None
-    if not re.fullmatch(r"[0-9]{1,18}", length.strip()):
-      self.close_connection = True
-      raise RequestError(400, f"bad Content-Length {length!r}")
-    return int(length)
-
-  def _discard_body(self, n: int | None = None):
-    """Reads off an unwanted body, so the reply is not lost to a reset.
-
-    Closing a socket with unread input sends a TCP reset, which can destroy
-    the reply before the client reads it; bodies past `_DRAIN_BYTES` are
-    not worth reading, and their connection is closed.
-    """
-    if n is None:
-      try:
-        n = self._content_length()
-      except RequestError:
-        return
-    if not n:
-      return
-    if n > _DRAIN_BYTES:
-      self.close_connection = True
-      return
-    while n > 0:
-      chunk = self.rfile.read(min(n, MAX_BODY_BYTES))
-      if not chunk:
-        self.close_connection = True
-        return
-      n -= len(chunk)
-
-  def _read_body(self, policy: str) -> bytes:
-    n = self._content_length()
-    if policy == "none":
-      self._discard_body(n)
-      return b""
-    if n is None:
-      if policy == "optional":
-        return b""
-      raise RequestError(411, "Content-Length required (a JSON body)")
-    if n > MAX_BODY_BYTES:
-      self._discard_body(n)
-      self.close_connection = True
-      raise RequestError(413, f"body of {n} bytes exceeds the limit of "
-                         f"{MAX_BODY_BYTES} bytes")
-    data = self.rfile.read(n)
-    if len(data) != n:
-      self.close_connection = True
-      raise RequestError(400, f"body ended after {len(data)} of {n} bytes")
-    return data
-
-  def _send(self, status: int, payload, headers=None):
-    if isinstance(payload, str):
-      data, kind = payload.encode(), "text/plain; version=0.0.4"
-    else:
-      data, kind = json.dumps(payload, allow_nan=False).encode(), (
-          "application/json")
-    self.send_response(status)
-    self.send_header("Content-Type", kind)
-    self.send_header("Content-Length", str(len(data)))
-    for k, v in (headers or {}).items():
-      self.send_header(k, v)
-    if self.close_connection:
-      self.send_header("Connection", "close")
-    self.end_headers()
-    if self.command != "HEAD":
-      self.wfile.write(data)
-
-  # -- Endpoints: (query, body) -> payload. ---------------------------------
-
-  def _events(self, query, body):
-    del query
-    obj = _json_object(body, {"user_id": "string",
-                              "item_id": "integer original item id",
-                              "timestamp": "optional integer unix seconds"})
-    for field in ("user_id", "item_id"):
-      if field not in obj:
-        raise RequestError(400, f"missing field {field!r}")
-    return self.service.observe(obj["user_id"], obj["item_id"],
-                                obj.get("timestamp"))
-
-  def _score(self, query, body):
-    del query
-    obj = _json_object(body, {"user_id": "string",
-                              "item_ids": "list of integer original item ids"})
-    for field in ("user_id", "item_ids"):
-      if field not in obj:
-        raise RequestError(400, f"missing field {field!r}")
-    return self.service.score(obj["user_id"], obj["item_ids"])
-
-  def _recommendations(self, query, body):
-    del body
-    max_k = self.service.max_k
-    q = _query(query, {"user_id": "string",
-                       "k": f"integer in [1, {max_k}], default 10",
-                       "exclude_seen": "true or false, default true"})
-    if "user_id" not in q:
-      raise RequestError(400, "missing parameter 'user_id'")
-    k = q.get("k", "10")
-    if not _DIGITS.fullmatch(k):
-      raise RequestError(400, f"k must be an integer in [1, {max_k}], got "
-                         f"{k!r}")
-    exclude = q.get("exclude_seen", "true")
-    if exclude not in ("true", "false"):
-      raise RequestError(400, "exclude_seen must be true or false, got "
-                         f"{exclude!r}")
-    return self.service.recommend(q["user_id"], int(k), exclude == "true")
-
-  def _healthz(self, query, body):
-    del query, body
-    return self.service.health()
-
-  def _metrics(self, query, body):
-    del body
-    q = _query(query, {"format": "json (default) or prometheus"})
-    fmt = q.get("format", "json")
-    if fmt not in ("json", "prometheus"):
-      raise RequestError(400, f"format must be json or prometheus, got "
-                         f"{fmt!r}")
-    summary = self.service.metrics_summary()
-    return prometheus_text(summary) if fmt == "prometheus" else summary
-
-  def _snapshot(self, query, body):
-    del query
-    if body and body.strip() not in (b"", b"{}"):
-      raise RequestError(400, "POST /v1/snapshot takes no body (no path: "
-                         "the service writes only its --snapshot file)")
-    return self.service.snapshot()
-
-
-class Server(http.server.ThreadingHTTPServer):
-  """A threading HTTP server bound to one `Service`."""
-
-  daemon_threads = True
-
-  def __init__(self, service: Service, address: tuple[str, int]):
-    self.service = service
-    super().__init__(address, _Handler)
-
-  @property
-  def url(self) -> str:
-    host, port = self.server_address[:2]
-    return f"http://{host}:{port}"
-
-
-def make_server(service: Service, host: str = "127.0.0.1",
-                port: int = 8080) -> Server:
-  """An HTTP server for `service` (port 0: any free port; see `.url`)."""
-  return Server(service, (host, port))
-
-
-def serve_in_thread(server: Server,
-                    poll_interval: float = 0.5) -> threading.Thread:
-  """Runs `server.serve_forever` on a daemon thread; stop: `shutdown()`.
-
-  `shutdown()` returns within `poll_interval` seconds.
-  """
-  thread = threading.Thread(target=server.serve_forever,
-                            args=(poll_interval,), name="http-server",
-                            daemon=True)
-  thread.start()
-  return thread
