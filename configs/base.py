@@ -133,6 +133,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.optimizer.schedule = "constant"  # constant | cosine | linear (after warm-up)
   c.optimizer.warmup_steps = 0
   c.optimizer.clip_norm = 0.0  # 0 = no clipping
+  # Polyak averaging: evaluation, selection, test and serving use an
+  # exponential moving average of the parameters with this decay per step
+  # (0 = off; 0.999 averages ~the last 1,000 steps; recattn.optim.params_ema).
+  c.optimizer.ema_decay = 0.0
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_epochs = 5

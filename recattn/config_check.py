@@ -126,6 +126,10 @@ def validate(config) -> None:
   _choice(config, "optimizer.schedule", ("constant", "cosine", "linear"))
   _positive(config, "optimizer.warmup_steps", zero_ok=True)
   _positive(config, "optimizer.clip_norm", zero_ok=True)
+  ema = config.optimizer.get("ema_decay", 0.0)
+  _require(isinstance(ema, (int, float)) and 0.0 <= ema < 1.0,
+           f"config.optimizer.ema_decay={ema!r}: must be in [0, 1) "
+           "(0 = off; e.g. 0.999)")
   _choice(config, "eval.negatives", ("uniform", "popularity"))
   _positive(config, "eval.patience", zero_ok=True)
   select = config.eval.select_metric

@@ -25,6 +25,7 @@ from recattn import data as data_lib
 from recattn import distributed
 from recattn import losses
 from recattn import models
+from recattn import optim
 from recattn import reporting
 from recattn import sharding
 from recattn.data import batching
@@ -36,29 +37,6 @@ from recattn.serving import incremental
 
 class NonFiniteLossError(RuntimeError):
   pass
-
-
-def make_optimizer(opt_config, total_steps: int) -> optax.GradientTransformation:
-  """Adam/AdamW with warm-up, then constant / cosine / linear decay."""
-  lr, warmup = opt_config.lr, opt_config.warmup_steps
-  decay_steps = max(total_steps - warmup, 1)
-  if opt_config.schedule == "constant":
-    decay = optax.constant_schedule(lr)
-  elif opt_config.schedule == "cosine":
-    decay = optax.cosine_decay_schedule(lr, decay_steps)
-  else:
-    decay = optax.linear_schedule(lr, 0.0, decay_steps)
-  schedule = (optax.join_schedules(
-      [optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
-              if warmup else decay)
-  if opt_config.name == "adam":
-    opt = optax.adam(schedule, b1=opt_config.b1, b2=opt_config.b2)
-  else:
-    opt = optax.adamw(schedule, b1=opt_config.b1, b2=opt_config.b2,
-                      weight_decay=opt_config.weight_decay)
-  if opt_config.clip_norm:
-    return optax.chain(optax.clip_by_global_norm(opt_config.clip_norm), opt)
-  return opt
 
 
 def sampler_log_q(loss_config, item_counts: np.ndarray) -> jax.Array:
@@ -318,7 +296,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
         ds.num_items + 1, ds.num_items + 1 + pad_rows, item_shards)
   graphdef, params = nnx.split(model, nnx.Param)
   total_steps = steps_per_epoch * config.num_epochs
-  tx = make_optimizer(config.optimizer, total_steps)
+  tx = optim.make_optimizer(config.optimizer, total_steps)
   state = {"params": params, "opt_state": tx.init(params),
            "step": jnp.zeros((), jnp.int32)}
   state_sharding = sharding.state_shardings(state, mesh, rules)
@@ -406,7 +384,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       stop = False
       if select != "none" and (epoch % config.eval.every_epochs == 0 or
                                epoch == config.num_epochs):
-        scalars.update(valid_eval(graphdef, state["params"]))
+        scalars.update(valid_eval(graphdef, optim.averaged_params(state)))
         if scalars[select] > meta["best"]:
           meta.update(best=scalars[select], best_epoch=epoch, bad_evals=0)
           ckpts.save_best(step, state, meta)
@@ -430,7 +408,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
       best_state, best_meta = state, dict(meta, best_epoch=meta["epoch"])
     else:
       best_state, best_meta = ckpts.restore_best(state)
-    best_params = jax.device_put(best_state["params"],
+    best_params = jax.device_put(optim.averaged_params(best_state),
                                  state_sharding["params"])
     test_eval = Evaluator(ds, "test", **eval_kwargs)
     final = {}

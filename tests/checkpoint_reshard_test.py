@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 from configs import test as test_config
 from recattn import checkpoint
 from recattn import models
+from recattn import optim
 from recattn import sharding
 from recattn import train
 
@@ -38,7 +39,7 @@ def _state(c, mesh, num_items=NUM_ITEMS, max_len=MAX_LEN):
                         seed=0)
   model.pad_item_rows(sharding.axis_size(mesh, "items"))
   graphdef, params = nnx.split(model, nnx.Param)
-  tx = train.make_optimizer(c.optimizer, 10)
+  tx = optim.make_optimizer(c.optimizer, 10)
   state = {"params": params, "opt_state": tx.init(params),
            "step": jnp.zeros((), jnp.int32)}
   shardings = sharding.state_shardings(state, mesh)

@@ -16,6 +16,7 @@ from configs import test as test_config
 from recattn import config_check
 from recattn import losses
 from recattn import models
+from recattn import optim
 from recattn import train
 from recattn.serving import incremental
 
@@ -266,7 +267,7 @@ def _train_steps(loss_config, num_items=40, batch=8, max_len=10):
     c.model.num_blocks = 1
   model = models.create(c.model, num_items=num_items, max_len=max_len, seed=0)
   graphdef, params = nnx.split(model, nnx.Param)
-  tx = train.make_optimizer(c.optimizer, 10)
+  tx = optim.make_optimizer(c.optimizer, 10)
   state = {"params": params, "opt_state": tx.init(params),
            "step": jnp.zeros((), jnp.int32)}
   rng = np.random.default_rng(0)

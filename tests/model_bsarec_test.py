@@ -13,6 +13,7 @@ from configs import test as test_config
 from recattn import attention
 from recattn import config_check
 from recattn import models
+from recattn import optim
 from recattn import train
 from recattn.models import bsarec
 from recattn.serving import engine as engine_lib
@@ -135,7 +136,7 @@ def test_per_prefix_training_decreases_the_loss():
   model = models.create(c.model, num_items=NUM_ITEMS, max_len=MAX_LEN,
                         seed=0)
   graphdef, params = nnx.split(model, nnx.Param)
-  tx = train.make_optimizer(c.optimizer, 100)
+  tx = optim.make_optimizer(c.optimizer, 100)
   state = {"params": params, "opt_state": tx.init(params),
            "step": jnp.zeros((), jnp.int32)}
   rng = np.random.default_rng(0)

@@ -31,6 +31,7 @@ from configs import test as test_config
 from recattn import checkpoint as checkpoint_lib
 from recattn import data as data_lib
 from recattn import models
+from recattn import optim
 from recattn import sharding
 from recattn import train
 from recattn.data import batching
@@ -200,7 +201,7 @@ def _emulate_two_shards(config, ds):
   model = models.create(config.model, num_items=ds.num_items,
                         max_len=max_len, seed=config.seed)
   graphdef, params = nnx.split(model, nnx.Param)
-  tx = train.make_optimizer(config.optimizer, steps * config.num_epochs)
+  tx = optim.make_optimizer(config.optimizer, steps * config.num_epochs)
   state = {"params": params, "opt_state": tx.init(params),
            "step": jnp.zeros((), jnp.int32)}
   state_sharding = sharding.state_shardings(state, mesh, rules)

@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 from configs import test as test_config
 from recattn import losses
 from recattn import models
+from recattn import optim
 from recattn import sharding
 from recattn import train
 from recattn.data.dataset import SequenceDataset
@@ -76,7 +77,7 @@ def test_logical_rules_to_partition_specs():
 def _placed_state(c, mesh, rules=RULES, num_items=NUM_ITEMS):
   model = _model(c, sharding.axis_size(mesh, "items", rules), num_items)
   graphdef, params = nnx.split(model, nnx.Param)
-  tx = train.make_optimizer(c.optimizer, 10)
+  tx = optim.make_optimizer(c.optimizer, 10)
   state = {"params": params, "opt_state": tx.init(params),
            "step": jnp.zeros((), jnp.int32)}
   shardings = sharding.state_shardings(state, mesh, rules)

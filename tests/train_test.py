@@ -19,6 +19,7 @@ from recattn import config_check
 from recattn import data as data_lib
 from recattn import losses
 from recattn import models
+from recattn import optim
 from recattn import sharding
 from recattn import train
 from recattn.data import batching
@@ -45,7 +46,7 @@ def _step_once(num_devices):
   model = models.create(c.model, num_items=num_items, max_len=max_len,
                         seed=0)
   graphdef, params = nnx.split(model, nnx.Param)
-  tx = train.make_optimizer(c.optimizer, 10)
+  tx = optim.make_optimizer(c.optimizer, 10)
   mesh = sharding.make_mesh(num_devices)
   state = jax.device_put(
       {"params": params, "opt_state": tx.init(params),
@@ -315,7 +316,7 @@ def test_prefix_rows_score_the_last_position_only():
   model = models.create(c.model, num_items=num_items, max_len=max_len,
                         seed=0)
   graphdef, params = nnx.split(model, nnx.Param)
-  tx = train.make_optimizer(c.optimizer, 10)
+  tx = optim.make_optimizer(c.optimizer, 10)
   state = {"params": params, "opt_state": tx.init(params),
            "step": jnp.zeros((), jnp.int32)}
   with c.unlocked():

@@ -44,6 +44,7 @@ from configs import hstu_ml1m  # pylint: disable=g-import-not-at-top
 from configs import sasrec_beauty  # pylint: disable=g-import-not-at-top
 from configs import sasrec_ml1m  # pylint: disable=g-import-not-at-top
 from recattn import models  # pylint: disable=g-import-not-at-top
+from recattn import optim  # pylint: disable=g-import-not-at-top
 from recattn import reporting  # pylint: disable=g-import-not-at-top
 from recattn import train  # pylint: disable=g-import-not-at-top
 from recattn.models import base  # pylint: disable=g-import-not-at-top
@@ -111,7 +112,7 @@ def time_step(on: bool, width: int, reps: int) -> float:
     model = models.create(config.model, num_items=BEAUTY_ITEMS,
                           max_len=config.data.max_len, seed=0)
     graphdef, params = nnx.split(model, nnx.Param)
-    tx = train.make_optimizer(config.optimizer, 1000)
+    tx = optim.make_optimizer(config.optimizer, 1000)
     state = {"params": params, "opt_state": tx.init(params),
              "step": jnp.zeros((), jnp.int32)}
     step = jax.jit(train.make_train_step(graphdef, tx, config.loss, None))

@@ -38,6 +38,7 @@ from flax import nnx
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 from configs import test as test_config  # pylint: disable=g-import-not-at-top
 from recattn import models
+from recattn import optim
 from recattn import reporting
 from recattn import sharding
 from recattn import train
@@ -99,7 +100,7 @@ def main(argv):
   v = FLAGS.num_items
   c = _config()
   mesh = sharding.make_mesh(1, MODEL_SHARDS)
-  tx = train.make_optimizer(c.optimizer, 100)
+  tx = optim.make_optimizer(c.optimizer, 100)
   results = {"num_items": v, "mesh": {"data": 1, "model": MODEL_SHARDS},
              "model": {"name": "sasrec", "dim": 32, "num_blocks": 1,
                        "max_len": MAX_LEN},

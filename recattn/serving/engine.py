@@ -145,7 +145,7 @@ def restore_model(workdir: str, which: str = "best"):
   from flax import nnx
   from recattn import checkpoint as checkpoint_lib
   from recattn import models
-  from recattn import train
+  from recattn import optim
   from recattn.data import loading as data_lib
   # pylint: enable=g-import-not-at-top
   with open(os.path.join(workdir, "config.json")) as f:
@@ -159,7 +159,7 @@ def restore_model(workdir: str, which: str = "best"):
   ds = data_lib.load(config.data)
   model = models.create_for_data(config, ds, seed=config.seed)
   graphdef, params = nnx.split(model, nnx.Param)
-  tx = train.make_optimizer(config.optimizer, 1)
+  tx = optim.make_optimizer(config.optimizer, 1)
   template = {"params": params, "opt_state": tx.init(params),
               "step": jnp.zeros((), jnp.int32)}
   ckpts = checkpoint_lib.Checkpoints(workdir)
@@ -170,7 +170,8 @@ def restore_model(workdir: str, which: str = "best"):
     ckpts.close()
   if restored is None:
     raise FileNotFoundError(f"{workdir}/ckpt/{which}: no checkpoint to serve")
-  return nnx.merge(graphdef, restored[0]["params"]), config, ds
+  # The parameters validation selected: their average with ema_decay > 0.
+  return nnx.merge(graphdef, optim.averaged_params(restored[0])), config, ds
 
 
 class Engine:

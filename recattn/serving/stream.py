@@ -71,6 +71,7 @@ class _FineTuner:
   def __init__(self, engine, config, steps: int, item_counts: np.ndarray):
     # pylint: disable=g-import-not-at-top
     from flax import nnx
+    from recattn import optim
     from recattn import train
     # pylint: enable=g-import-not-at-top
     self.nnx = nnx
@@ -78,7 +79,7 @@ class _FineTuner:
     self.graphdef, self.params = nnx.split(nnx.merge(graphdef, params),
                                            nnx.Param)
     self.rest = nnx.state(nnx.merge(graphdef, params), nnx.Not(nnx.Param))
-    self.tx = train.make_optimizer(config.optimizer, 1 << 30)
+    self.tx = optim.make_optimizer(config.optimizer, 1 << 30)
     self.opt_state = self.tx.init(self.params)
     self.step_fn = jax.jit(train.make_train_step(
         self.graphdef, self.tx, config.loss,
