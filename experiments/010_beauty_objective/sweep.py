@@ -89,6 +89,10 @@ STAGE4 = [
     {"model.l2_norm": True, "loss.temperature": 0.05},
     {"optimizer.lr": 1e-3},
     {"model.dim": 128, "model.ffn_dim": 512},
+    # Then (2026-12-01) Polyak averaging: validation, selection and test on
+    # an EMA of the parameters over about the last 1,000 steps (2 epochs of
+    # ~514 steps, one evaluation); training unchanged.
+    {"optimizer.ema_decay": 0.999},
 ]
 
 
