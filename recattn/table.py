@@ -45,6 +45,7 @@ ADDED_FIELDS = {
     "model.bsarec_c": 5,  # them) before they existed
     "data.train_on_valid": False,  # validation items held out before f19417a
     "model.dense_init": "torch",  # PyTorch's Linear init before 25f5c4f
+    "optimizer.ema_decay": 0.0,  # no parameter averaging before 938d9c2
 }
 _SEED_SUFFIX = re.compile(r"_{1,2}seed\d+$")
 
