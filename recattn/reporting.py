@@ -13,6 +13,10 @@ import time
 
 import jax
 
+# Set by `recattn.sweep --jobs=N` (N > 1) for the trainings it starts: how
+# many share the machine, so that their seconds per epoch are read as such.
+CONCURRENT_ENV = "RECATTN_CONCURRENT_RUNS"
+
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint",
              "tensorflow-datasets", "numpy", "ml-collections")
 
@@ -43,7 +47,8 @@ def _git_commit() -> str:
 
 
 def environment() -> dict:
-  """Commit, package versions, device kind and count."""
+  """Commit, package versions, device kind and count (and `concurrent_runs`
+  when the sweep runner trains several at once)."""
   versions = {}
   for name in _PACKAGES:
     try:
@@ -51,7 +56,7 @@ def environment() -> dict:
     except importlib.metadata.PackageNotFoundError:
       versions[name] = None
   devices = jax.devices()
-  return {
+  env = {
       "commit": _git_commit(),
       "python": sys.version.split()[0],
       "platform": platform.platform(),
@@ -63,6 +68,10 @@ def environment() -> dict:
       "process_count": jax.process_count(),
       "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
   }
+  concurrent = os.environ.get(CONCURRENT_ENV, "")
+  if concurrent.isdigit() and int(concurrent) > 1:
+    env["concurrent_runs"] = int(concurrent)
+  return env
 
 
 def write_env(path: str) -> None:

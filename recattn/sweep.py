@@ -19,7 +19,11 @@ the sweep file) through `python -m recattn.main`, its output appended to
 written first. Runs with `final_metrics.json` are skipped; interrupted ones
 resume. Every run's config is built and validated before the first starts.
 `--jobs=N` trains N runs at a time, in sweep order (for an accelerator that
-one small run leaves idle; time comparisons want `--jobs=1`).
+one small run leaves idle, or this project's 2-core CPU, where two at once
+train 1.18-1.20x the epochs per hour of one: experiments/000_speed_lean_step,
+"Several trainings at once"). Each run's env.json then records
+`concurrent_runs` and table footers name those rows; time comparisons want
+`--jobs=1`.
 
 Staged studies: `get_sweep(root)` (a parameter named `root`) receives the
 run directory, so a sweep file can read its finished runs and add the next
@@ -50,6 +54,7 @@ from ml_collections import config_dict
 from ml_collections import config_flags
 
 from recattn import config_check
+from recattn import reporting
 
 FLAGS = flags.FLAGS
 
@@ -344,8 +349,12 @@ def _clock(seconds: float) -> str:
   return f"{int(seconds // 3600)}:{int(seconds % 3600 // 60):02d}"
 
 
-def _train(run: Run) -> tuple[int | str, float]:
-  """Trains one run in its workdir; returns (exit status, seconds)."""
+def _train(run: Run, jobs: int = 1) -> tuple[int | str, float]:
+  """Trains one run in its workdir; returns (exit status, seconds).
+
+  With `jobs > 1` the training learns, through `CONCURRENT_ENV`, how many
+  trainings share the machine, and its env.json records it.
+  """
   os.makedirs(run.workdir, exist_ok=True)
   with open(os.path.join(run.workdir, "run.json"), "w") as f:
     json.dump(run.record(), f, indent=2)
@@ -354,7 +363,12 @@ def _train(run: Run) -> tuple[int | str, float]:
     log.write(f"=== {datetime.datetime.now().isoformat(timespec='seconds')}"
               f" {shlex.join(run.command)}\n")
     log.flush()
-    rc = subprocess.call(run.command, stdout=log, stderr=subprocess.STDOUT)
+    env = dict(os.environ)
+    env.pop(reporting.CONCURRENT_ENV, None)
+    if jobs > 1:
+      env[reporting.CONCURRENT_ENV] = str(jobs)
+    rc = subprocess.call(run.command, stdout=log, stderr=subprocess.STDOUT,
+                         env=env)
     seconds = time.time() - t0
     log.write(f"=== exit {rc} after {seconds:.1f} s\n")
   if rc == 0 and not run.finished():
@@ -366,9 +380,10 @@ def execute(runs: list[Run], jobs: int = 1) -> list[Run]:
   """Trains the unfinished runs, `jobs` at a time; returns the failed ones.
 
   `jobs > 1` runs several trainings side by side (one accelerator that a
-  small model leaves mostly idle, or a many-core CPU); their `s/epoch` then
-  measure a shared machine, which the table's footer cannot tell apart, so
-  time studies with `jobs=1`.
+  small model leaves mostly idle, or a CPU that one training leaves partly
+  idle); their `s/epoch` then measure a shared machine: each run's env.json
+  records `concurrent_runs`, and the table's footer names those rows. Time
+  studies with `jobs=1`.
   """
   todo = [run for run in runs if not run.finished()]
   index = {run.name: i for i, run in enumerate(runs, 1)}
@@ -383,7 +398,7 @@ def execute(runs: list[Run], jobs: int = 1) -> list[Run]:
     tag = f"[{index[run.name]}/{len(runs)}] {run.name}:"
     resume = os.path.isdir(os.path.join(run.workdir, "ckpt"))
     print(f"{tag} start{' (resuming)' if resume else ''}", flush=True)
-    rc, took = _train(run)
+    rc, took = _train(run, min(jobs, len(todo)))
     with lock:
       seconds.append(took)
       if rc != 0:

@@ -285,6 +285,16 @@ def footer_notes(runs: list[Run], unfinished: list[str], split: str,
       "memory estimate.",
       f"Devices: {', '.join(devices)}. Commits: {', '.join(commits)}.",
   ]
+  shared = sorted({(r.label, e["concurrent_runs"]) for r in runs
+                   for e in [r.env, *r.env.get("earlier", [])]
+                   if e.get("concurrent_runs", 1) > 1})
+  if shared:
+    lines.append(
+        "Shared device: s/epoch of " + ", ".join(
+            f"{label} ({n} trainings at once)" for label, n in shared) +
+        " measure trainings that shared the machine (`recattn.sweep "
+        "--jobs`), for some or all of their epochs; compare them only with "
+        "each other.")
   if unfinished:
     lines.append("Unfinished (no final_metrics.json, not in the table): "
                  + ", ".join(unfinished) + ".")

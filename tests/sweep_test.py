@@ -14,6 +14,7 @@ import threading
 
 import pytest
 
+from recattn import reporting
 from recattn import sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -189,7 +190,9 @@ def test_a_failed_run_is_reported_and_the_sweep_goes_on(
       """)
   runs = sweep.load_runs(path)
 
-  def fake_main(command, stdout, stderr):
+  def fake_main(command, stdout, stderr, env):
+    # one at a time: a training does not inherit a stale sharing count
+    assert reporting.CONCURRENT_ENV not in env
     workdir = command[4].removeprefix("--workdir=")
     if workdir.endswith("seed0"):
       return 3
@@ -198,6 +201,7 @@ def test_a_failed_run_is_reported_and_the_sweep_goes_on(
     return 0
 
   monkeypatch.setattr(sweep.subprocess, "call", fake_main)
+  monkeypatch.setenv(reporting.CONCURRENT_ENV, "4")
   assert sweep.execute(runs) == [runs[0]]
   out = capsys.readouterr().out
   assert re.search(r"\[1/2\] test__seed0: FAILED \(3\) in [\d.]+ s; ETA "
@@ -214,15 +218,16 @@ def test_jobs_train_runs_side_by_side(tmp_path, monkeypatch, capsys):
                 "seeds": [0, 1, 2, 3]}
       """)
   runs = sweep.load_runs(path)
-  running, most = [], []
+  running, most, told = [], [], []
   lock = threading.Lock()
   both_started = threading.Barrier(2, timeout=10)
 
-  def fake_main(command, stdout, stderr):
+  def fake_main(command, stdout, stderr, env):
     workdir = command[4].removeprefix("--workdir=")
     with lock:
       running.append(workdir)
       most.append(len(running))
+      told.append(env.get(reporting.CONCURRENT_ENV))
     if workdir.endswith(("seed0", "seed1")):
       both_started.wait()  # deadlocks (and times out) if run one at a time
     with lock:
@@ -236,6 +241,8 @@ def test_jobs_train_runs_side_by_side(tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(sweep.subprocess, "call", fake_main)
   assert sweep.execute(runs, jobs=2) == [runs[2]]
   assert max(most) == 2
+  # each training is told it shares the machine (env.json records it)
+  assert set(told) == {"2"}
   out = capsys.readouterr().out
   assert out.count(": done in") == 3 and "test__seed2: FAILED (1)" in out
 
@@ -366,7 +373,7 @@ def test_a_staged_sweep_runs_the_runs_each_stage_adds(
       """)
   trained = []
 
-  def fake_main(command, stdout, stderr):
+  def fake_main(command, stdout, stderr, env):
     workdir = command[4].removeprefix("--workdir=")
     trained.append(os.path.basename(workdir))
     score = 0.5 if "dropout" in workdir else 0.4

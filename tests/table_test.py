@@ -326,6 +326,33 @@ def test_footer_names_every_device_a_resumed_run_ran_on(tmp_path):
   assert "bd78247" in md
 
 
+def test_footer_names_rows_trained_on_a_shared_device(tmp_path, monkeypatch):
+  # `recattn.sweep --jobs=2` sets reporting.CONCURRENT_ENV for its
+  # trainings; a run that shared the machine for part of its epochs (then
+  # resumed alone) is named once in the footer, the others not at all.
+  shared = make_run(tmp_path / "s" / "runs" / "b_seed0", 0.3)
+  make_run(tmp_path / "s" / "runs" / "a_seed0", 0.3)
+  env_path = os.path.join(shared, "env.json")
+  monkeypatch.setenv(reporting.CONCURRENT_ENV, "2")
+  reporting.write_env(env_path)
+  monkeypatch.delenv(reporting.CONCURRENT_ENV)
+  reporting.write_env(env_path)
+  with open(env_path) as f:
+    env = json.load(f)
+  assert "concurrent_runs" not in env
+  assert env["earlier"][-1]["concurrent_runs"] == 2
+  md = table.make_tables([str(tmp_path / "s")], metrics=["hr@10"])["md"]
+  shared_lines = [l for l in md.splitlines() if "Shared device" in l]
+  assert len(shared_lines) == 1, md
+  assert "b (2 trainings at once)" in shared_lines[0]
+  assert "a (" not in shared_lines[0]
+
+
+def test_footer_has_no_shared_device_line_for_runs_alone(study):
+  md = table.make_tables([study], metrics=["hr@10"])["md"]
+  assert "Shared device" not in md
+
+
 @pytest.mark.parametrize("committed", sorted(
     str(p.relative_to(ROOT)) for p in ROOT.glob("experiments/*/table_*.csv")))
 def test_committed_tables_regenerate_byte_for_byte(committed, tmp_path):
