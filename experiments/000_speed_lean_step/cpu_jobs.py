@@ -76,15 +76,17 @@ def measure(mode: str, tmp: str) -> dict:
     cmd = _command(workdir, i)
     if pinned:
       cmd = ["taskset", "-c", str(cores[i % len(cores)])] + cmd
-    procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env,
-                                  stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True))
+    # A log file, not a pipe: a full pipe would stall a training while
+    # another is waited on.
+    with open(f"{workdir}.log", "w") as log:
+      procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env,
+                                    stdout=log, stderr=subprocess.STDOUT))
     workdirs.append(workdir)
-  for p in procs:
-    _, err = p.communicate()
-    if p.returncode:
-      raise RuntimeError(f"{mode}: training exited {p.returncode}:\n"
-                         f"{err[-3000:]}")
+  for p, workdir in zip(procs, workdirs):
+    if p.wait():
+      with open(f"{workdir}.log") as log:
+        tail = log.read()[-3000:]
+      raise RuntimeError(f"{mode}: training exited {p.returncode}:\n{tail}")
   wall = time.time() - t0
   epochs = [_epoch_seconds(w) for w in workdirs]
   medians = [float(np.median(e[1:])) for e in epochs]
