@@ -295,6 +295,20 @@ def footer_notes(runs: list[Run], unfinished: list[str], split: str,
         " measure trainings that shared the machine (`recattn.sweep "
         "--jobs`), for some or all of their epochs; compare them only with "
         "each other.")
+  machines = {}
+  for r in runs:
+    for e in [r.env, *r.env.get("earlier", [])]:
+      machines.setdefault(str(e.get("platform", "unknown")), set()).add(
+          r.label)
+  if len(machines) > 1:
+    lines.append(
+        f"Machines: the rows ran on {len(machines)} machine images (env.json "
+        "platform); one training's s/epoch differed up to 1.7x between "
+        "images and hours (experiments/000_speed_lean_step/README.md, "
+        "\"Machine images\"), so compare s/epoch only between rows of one "
+        "image and day: " + "; ".join(
+            f"{p}: {', '.join(sorted(labels))}"
+            for p, labels in sorted(machines.items())) + ".")
   if unfinished:
     lines.append("Unfinished (no final_metrics.json, not in the table): "
                  + ", ".join(unfinished) + ".")

@@ -351,6 +351,30 @@ def test_footer_names_rows_trained_on_a_shared_device(tmp_path, monkeypatch):
 def test_footer_has_no_shared_device_line_for_runs_alone(study):
   md = table.make_tables([study], metrics=["hr@10"])["md"]
   assert "Shared device" not in md
+  # One machine image: nothing to warn about.
+  assert "Machines:" not in md
+
+
+def test_footer_groups_rows_by_machine_image(tmp_path):
+  # Row b's seed 1 was resumed on another image (its earlier environment
+  # keeps the first); the footer names each image once with its rows.
+  make_run(tmp_path / "s" / "runs" / "a_seed0", 0.3)
+  b1 = make_run(tmp_path / "s" / "runs" / "b_seed1", 0.3, seed=1)
+  make_run(tmp_path / "s" / "runs" / "b_seed2", 0.3, seed=2)
+  env_path = os.path.join(b1, "env.json")
+  with open(env_path) as f:
+    env = json.load(f)
+  first = env["platform"]
+  env["earlier"] = [dict(env)]
+  env["platform"] = "Linux-other-image"
+  with open(env_path, "w") as f:
+    json.dump(env, f)
+  md = table.make_tables([str(tmp_path / "s")], metrics=["hr@10"])["md"]
+  lines = [l for l in md.splitlines() if "Machines:" in l]
+  assert len(lines) == 1, md
+  assert "on 2 machine images" in lines[0]
+  assert f"{first}: a, b;" in lines[0]
+  assert lines[0].endswith("Linux-other-image: b.")
 
 
 @pytest.mark.parametrize("committed", sorted(
