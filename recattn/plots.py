@@ -43,6 +43,7 @@ X_MEASURES = {
     "train/num_params": ("parameters (count)", 1),
     "train/peak_bytes": ("compiled peak memory of a train step (MiB)", MIB),
 }
+TIME_MEASURES = ("train/s_per_epoch", "train/wall_s")
 # Fixed ids and text kept as text, so a rerun gives the same bytes.
 SVG_RC = {"svg.hashsalt": "recattn", "svg.fonttype": "none"}
 _SEED_SUFFIX = re.compile(r"_{1,2}seed\d+$")
@@ -138,7 +139,26 @@ def load_quality_cost(paths, metric, x) -> tuple[dict, str]:
         raise PlotError(f"metric {key!r} not in {path}")
     groups.setdefault(run_label(w), []).append(
         (final[x] / X_MEASURES[x][1], final[metric]))
-  return groups, describe_runs(workdirs)
+  context = describe_runs(workdirs)
+  images = machine_images(workdirs)
+  if x in TIME_MEASURES and images > 1:
+    # The same training's time differs between machine images and hours
+    # (experiments/000_speed_lean_step/README.md, "Machine images").
+    context += (f";\ntimes from {images} machine images, comparable only "
+                "within one (table footers list them)")
+  return groups, context
+
+
+def machine_images(workdirs: list[str]) -> int:
+  """How many machine images (env.json `platform`) the runs ran on."""
+  images = set()
+  for w in workdirs:
+    path = os.path.join(w, "env.json")
+    if os.path.exists(path):
+      env = _read_json(path)
+      images.update(str(e.get("platform")) for e in
+                    [env, *env.get("earlier", [])])
+  return len(images)
 
 
 def quality_cost_figure(groups: dict, metric: str, x: str,

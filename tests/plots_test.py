@@ -95,6 +95,20 @@ def test_quality_cost_groups_seeds_by_label(study):
   assert ax.get_xlabel() == "training time per epoch, median (s)"
 
 
+def test_quality_cost_title_says_when_times_come_from_several_machines(
+    study):
+  env_path = pathlib.Path(study) / "runs" / "b_run7" / "env.json"
+  env = json.loads(env_path.read_text())
+  env_path.write_text(json.dumps(dict(env, platform="Linux-other-image")))
+  _, context = plots.load_quality_cost([study], NDCG, "train/s_per_epoch")
+  assert context.endswith(
+      ";\ntimes from 2 machine images, comparable only within one "
+      "(table footers list them)")
+  # Parameter counts do not depend on the machine.
+  _, context = plots.load_quality_cost([study], NDCG, "train/num_params")
+  assert "machine images" not in context
+
+
 def test_quality_cost_explicit_workdirs_and_x(study):
   runs = pathlib.Path(study) / "runs"
   groups, _ = plots.load_quality_cost(
