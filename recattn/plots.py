@@ -156,7 +156,7 @@ def machine_images(workdirs: list[str]) -> int:
     path = os.path.join(w, "env.json")
     if os.path.exists(path):
       env = _read_json(path)
-      images.update(str(e.get("platform")) for e in
+      images.update(str(e.get("platform", "unknown")) for e in
                     [env, *env.get("earlier", [])])
   return len(images)
 

@@ -251,6 +251,12 @@ def compute_rows(groups: dict[str, list[Run]], split: str, protocol: str,
   return rows
 
 
+def _environments(env: dict) -> list[dict]:
+  """The latest environment of an env.json, then the earlier ones a resumed
+  run ran on (`recattn.reporting.write_env`)."""
+  return [env, *env.get("earlier", [])]
+
+
 def footer_notes(runs: list[Run], unfinished: list[str], split: str,
                  protocol: str, baseline: str) -> list[str]:
   """What a reader needs to interpret the numbers: data, split, protocol."""
@@ -261,7 +267,7 @@ def footer_notes(runs: list[Run], unfinished: list[str], split: str,
   candidates = (f"positive + {sampled[2]} {sampled[1]} negatives per user, "
                 "none the user interacted with" if sampled else
                 f"full ranking over all {card.get('items', 0):,} items")
-  envs = [e for r in runs for e in [r.env, *r.env.get("earlier", [])]]
+  envs = [e for r in runs for e in _environments(r.env)]
   devices = sorted({f"{e.get('device_count')} x {e.get('device_kind')}"
                     f" (jax {e.get('packages', {}).get('jax')})"
                     for e in envs})
@@ -286,7 +292,7 @@ def footer_notes(runs: list[Run], unfinished: list[str], split: str,
       f"Devices: {', '.join(devices)}. Commits: {', '.join(commits)}.",
   ]
   shared = sorted({(r.label, e["concurrent_runs"]) for r in runs
-                   for e in [r.env, *r.env.get("earlier", [])]
+                   for e in _environments(r.env)
                    if e.get("concurrent_runs", 1) > 1})
   if shared:
     lines.append(
@@ -297,7 +303,7 @@ def footer_notes(runs: list[Run], unfinished: list[str], split: str,
         "each other.")
   machines = {}
   for r in runs:
-    for e in [r.env, *r.env.get("earlier", [])]:
+    for e in _environments(r.env):
       machines.setdefault(str(e.get("platform", "unknown")), set()).add(
           r.label)
   if len(machines) > 1:
