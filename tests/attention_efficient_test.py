@@ -242,7 +242,8 @@ def test_local_window_sources():
     (SHAPES[2], "elu", True, 64), (SHAPES[3], "elu", True, 1),
     (SHAPES[0], "l2", True, 4), (SHAPES[1], "l2", True, 64),
     (SHAPES[3], "l2", True, 4), (SHAPES[0], "elu", False, 4),
-    (SHAPES[1], "l2", False, 4)])
+    (SHAPES[1], "l2", False, 4),
+    (SHAPES[1], "elu", True, 64)])  # Lq <= chunk < Lk: one dense tile
 def test_linear_matches_numpy(shape, feature, causal, chunk):
   b, lq, lk, h, d = shape
   q, k, v, kv = _inputs(b, lq, lk, h, d)
@@ -258,7 +259,9 @@ def test_linear_matches_numpy(shape, feature, causal, chunk):
     (SHAPES[0], True, False, 4), (SHAPES[1], True, False, 3),
     (SHAPES[2], True, False, 64), (SHAPES[3], True, False, 1),
     (SHAPES[0], True, True, 4), (SHAPES[3], True, True, 4),
-    (SHAPES[0], False, False, 4), (SHAPES[1], False, True, 4)])
+    (SHAPES[0], False, False, 4), (SHAPES[1], False, True, 4),
+    # 2 Lq <= chunk: the few queries' own poolings instead of prefix sums
+    (SHAPES[1], True, False, 8), (SHAPES[1], True, True, 8)])
 def test_low_rank_matches_numpy(shape, causal, separate, chunk):
   b, lq, lk, h, d = shape
   q, k, v, kv = _inputs(b, lq, lk, h, d)

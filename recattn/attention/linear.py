@@ -37,7 +37,10 @@ memory:
 
   time O(B H L (chunk + Dh) Dh), memory O(B H (L chunk + L Dh + (L/chunk) Dh^2))
 
-(never a [B, L, H, Dh, Dh] per-position cumsum). Bidirectional form
+(never a [B, L, H, Dh, Dh] per-position cumsum). With at most `chunk`
+queries (short sequences, or a last block that scores only the final
+positions) the whole computation is that one masked quadratic tile over the
+queries asked for: O(B H Lq Lk Dh) time, no states. Bidirectional form
 (`mask.causal` False): one global S and z, O(B H L Dh^2) time, O(B H L Dh)
 memory. Padding keys (`key_valid` False) get phi(k) = 0 and v = 0.
 
@@ -194,6 +197,13 @@ def linear(
   if return_weights:
     weights_lib.check_fits("linear", b, h, lq, k.shape[1])
     return reference(q, k, v, mask, feature=feature)
+
+  if mask.causal and lq <= chunk:
+    # Every query fits in one tile: the masked quadratic form costs
+    # O(Lq Lk Dh), less than building [Dh, Dh] states, and runs only the Lq
+    # queries asked for (a model's last block may ask for one).
+    out, _ = reference(q, k, v, mask, feature=feature)
+    return out, None
 
   key_valid = mask.key_valid
   if mask.causal:

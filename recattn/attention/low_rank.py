@@ -53,7 +53,10 @@ and similarly for the output, so the largest tensors are the per-latent
   memory O(B H (L chunk r + (L/chunk) r Dh)).
 
 Memory is linear in L; `chunk` trades the L chunk r tiles against the
-(L/chunk) r Dh carried sums (default 32). Computation is in float32 whatever
+(L/chunk) r Dh carried sums (default 32). With few queries (Lq at most half
+a chunk, e.g. a last block that scores only the final position) the dense
+form over those queries, O(B H Lq Lk r), replaces the prefix pass over all
+Lk positions. Computation is in float32 whatever
 the input dtype.
 
 Padding keys get zero pooling weight. An additive `bias`, `Mask.window` and
@@ -289,6 +292,11 @@ def low_rank(
                      scale=scale)
   if not mask.causal:
     out = _global(q, k, v, mask.key_valid, pool, value_pool, scale)
+  elif 2 * lq <= min(chunk, k.shape[1]):
+    # A few queries (a model's last block may ask for one): their own
+    # poolings, O(B H Lq Lk r), instead of every position's prefix.
+    out, _ = reference(q, k, v, mask, pool=pool, value_pool=value_pool,
+                       scale=scale)
   else:
     qs, k, v, key_valid = square_up(q, k, v, mask.key_valid)
     out = _causal(qs, k, v, key_valid, pool, value_pool, scale,
