@@ -57,7 +57,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.attn.linear_chunk = 64  # linear: positions per prefix-sum chunk
   c.model.attn.num_latents = 16  # low_rank: latent interests r
   c.model.attn.low_rank_value_pool = False  # low_rank: own value pooling
-  c.model.attn.low_rank_chunk = 32  # low_rank: positions per chunk
+  c.model.attn.low_rank_chunk = 64  # low_rank: positions per chunk
   c.model.attn.block_q = 128  # blockwise: query / key tile sizes
   c.model.attn.block_k = 128
   # hstu: scale of QK^T (None = 1/sqrt(d_qk)); key tile (None = no tiling)

@@ -292,6 +292,60 @@ def test_low_rank_causal_is_stable_for_large_scores():
   np.testing.assert_allclose(out, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("separate", [False, True])
+def test_low_rank_matmul_and_pairs_forms_agree(separate):
+  """The chunk-max matmul form equals the per-query pairs form, with grads."""
+  b, l, h, d, r = 2, 13, 2, 4, 3
+  q, k, v, kv = _inputs(b, l, l, h, d)
+  pool = jnp.asarray(RNG.normal(size=(h, d, r)), jnp.float32)
+  vpool = (jnp.asarray(RNG.normal(size=(h, d, r)), jnp.float32)
+           if separate else None)
+
+  def run(form):
+    def loss(q, k, v, p, vp):
+      out = low_rank_lib._causal(q, k, v, jnp.asarray(kv), p, vp, 0.5, 4,
+                                 form=form)
+      return (out ** 2).sum(), out
+    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4),
+                                         has_aux=True)(q, k, v, pool, vpool)
+    return out, grads
+
+  (out_m, grads_m), (out_p, grads_p) = run("matmul"), run("pairs")
+  np.testing.assert_allclose(out_m, out_p, atol=1e-5, rtol=1e-5)
+  for gm, gp in zip(jax.tree.leaves(grads_m), jax.tree.leaves(grads_p)):
+    np.testing.assert_allclose(gm, gp, atol=1e-4, rtol=1e-4)
+
+
+def test_low_rank_large_gap_takes_the_pairs_form():
+  """A later item outscoring a query's prefix by e^60 in one chunk: the
+  matmul form underflows there, the default path notices and stays exact,
+  gradients included."""
+  b, l, h, d = 1, 12, 1, 4
+  q, k, v, _ = _inputs(b, l, l, h, d, pad=0)
+  k = k * 30.0
+  pool = jnp.asarray(RNG.normal(size=(h, d, 2)) * 10.0, jnp.float32)
+  s = low_rank_lib._scores(k, pool).reshape(1, 3, 4, h, 2)
+  assert not low_rank_lib._forms_ok(s, None, jnp.ones((1, 3, 4), bool))
+  want, _ = np_low_rank(*(x.astype(np.float64) for x in (q, k, v)),
+                        np_visible(b, l, l), np.asarray(pool, np.float64),
+                        None, 0.5)
+  bad = low_rank_lib._causal(q, k, v, None, pool, None, 0.5, 4,
+                             form="matmul")
+  assert not np.allclose(bad, want, atol=1e-3)  # the guard is needed
+
+  def loss(fn):
+    return lambda q, k, v: (fn(q, k, v) ** 2).sum()
+
+  auto = lambda q, k, v: low_rank_lib._causal(q, k, v, None, pool, None, 0.5, 4)
+  ref = lambda q, k, v: low_rank_lib.reference(q, k, v, Mask(), pool=pool,
+                                               scale=0.5)[0]
+  np.testing.assert_allclose(jax.jit(auto)(q, k, v), want, atol=1e-4,
+                             rtol=1e-4)
+  for ga, gr in zip(jax.jit(jax.grad(loss(auto), argnums=(0, 1, 2)))(q, k, v),
+                    jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)):
+    np.testing.assert_allclose(ga, gr, atol=1e-3, rtol=1e-3)
+
+
 # ------------------------------------------------------------------ weights
 
 

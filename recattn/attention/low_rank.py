@@ -36,34 +36,45 @@ next-item training it would let every position see the future.
 
 Causal form: query p pools only its visible prefix j <= p, so the latents
 differ per position. Materialising them would cost O(B H L r Dh); instead the
-sequence is cut into chunks of `chunk` items. Exp-weights are taken against
-the running max R_p of the visible scores (per latent, through position p),
-so every exponent is <= 0 and the top item contributes exactly 1: sums
-cannot underflow to zero whatever the score range. Sums over earlier chunks
-are carried by a `lax.scan` (rescaled as the max grows), and inside a chunk
-the prefix is a masked [chunk, chunk] tile per latent:
+sequence is cut into chunks of `chunk` items (default 64). Sums over earlier
+chunks are carried by a `lax.scan`, referenced to the running max of the
+scores (per latent) and rescaled as it grows. Inside a chunk, two forms:
 
-  q_p . K~_m(p) = (q_p . P_m e^{P - R_p} + sum_{j<=p in chunk}
-                   e^{s_jm - R_pm} q_p . k_j) / Z_m(p)
+* matmul (the usual one): every weight of chunk n is taken against the
+  chunk's max M_n, one reference for all its queries, so it factors out of
+  the pairs and the prefix sums are masked [chunk, chunk] matmuls, as in
+  softmax attention:
 
-and similarly for the output, so the largest tensors are the per-latent
-[chunk, chunk] tiles:
+    q_p . K~_m(p) = (q_p . P_m e^{P - M} + ((Q K^T * tril) E)_pm) / Z_m(p),
+    E_jm = e^{s_jm - M_m};
+
+  the output is `((G E^T) * tril) V` plus the carried part.
+* pairs: every query p takes its own running max R_p through p, so every
+  exponent is <= 0 and its top item contributes exactly 1: sums cannot
+  underflow whatever the score range; it needs a per-latent [chunk, chunk]
+  tile of exp(s_jm - R_pm), several times slower.
+
+The matmul form loses a query's weights to underflow only if its prefix max
+sits far (`_MAX_GAP` = 60) below its chunk's max, i.e. a later item of the
+same chunk outscores all of the query's items by e^60; a batch where that
+happens takes the pairs form (one `lax.cond` forward and one backward, which
+recomputes the chosen form):
 
   time O(B H L chunk (Dh + r) + B H L r Dh),
-  memory O(B H (L chunk r + (L/chunk) r Dh)).
+  memory O(B H (L chunk + L r + (L/chunk) r Dh)), pairs form L chunk r.
 
-Memory is linear in L; `chunk` trades the L chunk r tiles against the
-(L/chunk) r Dh carried sums (default 32). With few queries (Lq at most half
-a chunk, e.g. a last block that scores only the final position) the dense
-form over those queries, O(B H Lq Lk r), replaces the prefix pass over all
-Lk positions. Computation is in float32 whatever
-the input dtype.
+Memory is linear in L; `chunk` trades the L chunk tiles against the
+(L/chunk) r Dh carried sums. With few queries (Lq at most half a chunk, e.g.
+a last block that scores only the final position) the dense form over those
+queries, O(B H Lq Lk r), replaces the prefix pass over all Lk positions.
+Computation is in float32 whatever the input dtype.
 
 Padding keys get zero pooling weight. An additive `bias`, `Mask.window` and
 `Mask.num_targets` are not supported (ValueError). Queries with no visible
 key output zeros.
 """
 
+import functools
 import math
 
 import jax
@@ -76,6 +87,11 @@ from recattn.attention.linear import square_up
 from recattn.attention.masks import Mask
 
 _LOW = float(jnp.finfo(jnp.float32).min)
+# The matmul form measures a chunk's weights against the chunk's max score;
+# a query whose own prefix max sits more than this below it would lose its
+# weights to underflow (float32's smallest normal is about exp(-87)), so the
+# batch then takes the pairwise form.
+_MAX_GAP = 60.0
 
 
 def _masked_softmax(logits, visible, axis):
@@ -136,6 +152,61 @@ def _global(q, k, v, key_valid, pool, value_pool, scale):
   return jnp.einsum("bqhr,bhrd->bqhd", a, latent_v)
 
 
+def _safe_exp(x, ok):
+  return jnp.where(ok, jnp.exp(jnp.where(ok, x, 0.0)), 0.0)
+
+
+def _carry(s, valid, xs):
+  """Running max, exp-weights against each chunk's max, and carried sums.
+
+  Args:
+    s: `[B, n, c, H, r]` scores.
+    valid: `[B, n, c]` bool.
+    xs: tensors `[B, n, c, H, D]` to pool.
+
+  Returns:
+    `(s, run, e, past_xs, past_z, rho)`: `s` with invalid items at the
+    lowest float; `run [B, n, c, H, r]` the running max R_i of the visible
+    scores through position i; `e` = exp(s_j - M_n) for visible j, else 0,
+    where M_n is R at chunk n's last position; `past_xs [B, n, H, r, D]`
+    and `past_z [B, n, H, r]` the sums of exp(s_j - P_n) x_j and
+    exp(s_j - P_n) over the chunks before n (P_n = M_{n-1}); `rho
+    [B, n, H, r]` = exp(P_n - M_n) <= 1. No exponent is positive.
+  """
+  b, n, c = s.shape[:3]
+  valid5 = valid[..., None, None]
+  s = jnp.where(valid5, s, _LOW)
+  run = jax.lax.cummax(s.reshape(b, n * c, *s.shape[3:]), axis=1)
+  run = jax.lax.stop_gradient(run.reshape(s.shape))
+  chunk_ref = run[:, :, -1]  # M_n
+  prev_ref = _previous(chunk_ref)  # P_n
+  e = _safe_exp(s - chunk_ref[:, :, None], valid5)
+  sums = [jnp.einsum("bnchr,bnchd->bnhrd", e, x) for x in xs]
+  sums.append(e.sum(axis=2))
+  rho = jnp.exp(prev_ref - chunk_ref)  # P_n -> M_n, <= 1
+
+  def step(past, inputs):
+    chunk_sums, d = inputs
+    new = [p * (d[..., None] if p.ndim > d.ndim else d) + cs
+           for p, cs in zip(past, chunk_sums)]
+    return new, past
+
+  time_major = lambda x: jnp.moveaxis(x, 1, 0)
+  init = [jnp.zeros_like(x[:, 0]) for x in sums]
+  # Step n yields the carry before chunk n (referenced to P_n), then
+  # rescales it to M_n with rho_n and adds chunk n's sums.
+  _, past = jax.lax.scan(step, init,
+                         ([time_major(x) for x in sums], time_major(rho)))
+  past = [jnp.moveaxis(p, 0, 1) for p in past]
+  return s, run, e, past[:-1], past[-1], rho
+
+
+def _previous(chunk_ref):
+  """P_n: the reference through chunk n - 1 (lowest float for chunk 0)."""
+  return jnp.concatenate(
+      [jnp.full_like(chunk_ref[:, :1], _LOW), chunk_ref[:, :-1]], axis=1)
+
+
 def _prefix_pool(s, valid, xs):
   """Chunked prefix pooling, stabilised by the running max of the scores.
 
@@ -154,67 +225,26 @@ def _prefix_pool(s, valid, xs):
     and exp(s_j - P_n) over the chunks before n. Every exponent is <= 0, and
     the item holding the max contributes exactly 1, so no sum underflows.
   """
-  b, n, c = s.shape[:3]
-  valid5 = valid[..., None, None]
-  s = jnp.where(valid5, s, _LOW)
-  run = jax.lax.cummax(s.reshape(b, n * c, *s.shape[3:]), axis=1)
-  run = jax.lax.stop_gradient(run.reshape(s.shape))  # R_i
-  chunk_ref = run[:, :, -1]  # through chunk n
-  prev_ref = jnp.concatenate(
-      [jnp.full_like(chunk_ref[:, :1], _LOW), chunk_ref[:, :-1]], axis=1)
-
-  def safe_exp(x, ok):
-    return jnp.where(ok, jnp.exp(jnp.where(ok, x, 0.0)), 0.0)
-
-  e = safe_exp(s - chunk_ref[:, :, None], valid5)
-  sums = [jnp.einsum("bnchr,bnchd->bnhrd", e, x) for x in xs]
-  sums.append(e.sum(axis=2))
-  decay = jnp.exp(prev_ref - chunk_ref)  # P_n -> P_{n+1}, <= 1
-
-  def step(past, inputs):
-    chunk_sums, d = inputs
-    new = [p * (d[..., None] if p.ndim > d.ndim else d) + cs
-           for p, cs in zip(past, chunk_sums)]
-    return new, past
-
-  time_major = lambda x: jnp.moveaxis(x, 1, 0)
-  init = [jnp.zeros_like(x[:, 0]) for x in sums]
-  _, past = jax.lax.scan(step, init,
-                         ([time_major(x) for x in sums], time_major(decay)))
-  past = [jnp.moveaxis(p, 0, 1) for p in past]
-
+  c = s.shape[2]
+  s, run, _, past_xs, past_z, _ = _carry(s, valid, xs)
+  prev_ref = _previous(run[:, :, -1])
   rescale = jnp.exp(prev_ref[:, :, None] - run)
   s_j = jnp.moveaxis(s, 2, -1)[..., None, :]  # [B, n, H, r, 1, c]
   r_i = jnp.moveaxis(run, 2, -1)[..., :, None]  # [B, n, H, r, c, 1]
   ok = jnp.logical_and(jnp.tril(jnp.ones((c, c), bool)),
                        valid[:, :, None, None, None, :])
-  pair = safe_exp(s_j - r_i, ok)
-  return pair, rescale, past[:-1], past[-1]
+  pair = _safe_exp(s_j - r_i, ok)
+  return pair, rescale, past_xs, past_z
 
 
-def _causal(q, k, v, key_valid, pool, value_pool, scale, chunk):
-  """Causal form, Lq == Lk; see the module docstring."""
-  b, l, h, dh = q.shape
-  c = min(chunk, l)
-  n = -(-l // c)
-  if key_valid is None:
-    key_valid = jnp.ones((b, l), bool)
-
-  def chunks(x):
-    x = jnp.pad(x, [(0, 0), (0, n * c - l)] + [(0, 0)] * (x.ndim - 2))
-    return x.reshape(b, n, c, *x.shape[2:])
-
-  qc, kc, vc = (chunks(x.astype(jnp.float32)) for x in (q, k, v))
-  valid = chunks(key_valid)
-
-  sk = chunks(_scores(k, pool))
-  if value_pool is None:
+def _pairs_form(qc, kc, vc, sk, sv, valid, scale):
+  """Causal pooling with per-query references; always exact, slower."""
+  if sv is None:
     pair_k, resc_k, (pk, pv), pzk = _prefix_pool(sk, valid, [kc, vc])
     pair_v, resc_v, pzv = pair_k, resc_k, pzk
   else:
     pair_k, resc_k, (pk,), pzk = _prefix_pool(sk, valid, [kc])
-    pair_v, resc_v, (pv,), pzv = _prefix_pool(
-        chunks(_scores(v, value_pool)), valid, [vc])
+    pair_v, resc_v, (pv,), pzv = _prefix_pool(sv, valid, [vc])
 
   def normaliser(past_z, rescale, pair):  # Z_m(i): [B, n, c, H, r]
     return past_z[:, :, None] * rescale + jnp.moveaxis(pair.sum(-1), -1, 2)
@@ -231,9 +261,126 @@ def _causal(q, k, v, key_valid, pool, value_pool, scale, chunk):
   zv = normaliser(pzv, resc_v, pair_v)
   g = jnp.where(zv > 0, a / jnp.where(zv > 0, zv, 1.0), 0.0)
   item = jnp.einsum("bnihr,bnhrij->bnhij", g, pair_v)
-  out = (jnp.einsum("bnihr,bnhrd->bnihd", g * resc_v, pv)
-         + jnp.einsum("bnhij,bnjhd->bnihd", item, vc))
+  return (jnp.einsum("bnihr,bnhrd->bnihd", g * resc_v, pv)
+          + jnp.einsum("bnhij,bnjhd->bnihd", item, vc))
+
+
+def _matmul_form(qc, kc, vc, sk, sv, valid, scale):
+  """Causal pooling against each chunk's max: every sum is a matmul.
+
+  With the chunk max M_n as the one reference of all queries of chunk n,
+  exp(s_j - M_n) factors out of the pairs: q_i . sum_{j<=i} w_jm k_j is
+  `(Q K^T * tril) @ E` and the output `((G E^T) * tril) @ V`, [c, c] tiles
+  as in softmax attention. Exact as long as no query's own prefix max sits
+  far below M_n (`_MAX_GAP`, checked by the caller).
+  """
+  c = qc.shape[2]
+  if sv is None:
+    _, _, ek, (pk, pv), pzk, rho_k = _carry(sk, valid, [kc, vc])
+    ev, pzv, rho_v = ek, pzk, rho_k
+  else:
+    _, _, ek, (pk,), pzk, rho_k = _carry(sk, valid, [kc])
+    _, _, ev, (pv,), pzv, rho_v = _carry(sv, valid, [vc])
+  tril = jnp.tril(jnp.ones((c, c), jnp.float32))
+
+  def normaliser(past_z, rho, e):  # Z_m(i) * exp(R_i - M_n)
+    return ((past_z * rho)[:, :, None]
+            + jnp.einsum("ij,bnjhr->bnihr", tril, e))
+
+  zk = normaliser(pzk, rho_k, ek)
+  qk = jnp.einsum("bnihd,bnjhd->bnhij", qc, kc) * tril
+  num = (jnp.einsum("bnihd,bnhrd->bnihr", qc, pk) * rho_k[:, :, None]
+         + jnp.einsum("bnhij,bnjhr->bnihr", qk, ek))
+  seen = zk > 0
+  a = _masked_softmax(num / jnp.where(seen, zk, 1.0) * scale, seen, axis=-1)
+
+  zv = normaliser(pzv, rho_v, ev)
+  g = jnp.where(zv > 0, a / jnp.where(zv > 0, zv, 1.0), 0.0)
+  item = jnp.einsum("bnihr,bnjhr->bnhij", g, ev) * tril
+  return (jnp.einsum("bnihr,bnhrd->bnihd", g * rho_v[:, :, None], pv)
+          + jnp.einsum("bnhij,bnjhd->bnihd", item, vc))
+
+
+def _gaps_small(s, valid):
+  """Whether every query's prefix max is within `_MAX_GAP` of its chunk's."""
+  b, n, c = s.shape[:3]
+  s = jnp.where(valid[..., None, None], s, _LOW)
+  run = jax.lax.cummax(s.reshape(b, n * c, *s.shape[3:]), axis=1)
+  run = run.reshape(s.shape)
+  gap = run[:, :, -1:] - run
+  seen = run > _LOW / 2
+  return jnp.all(jnp.where(seen, gap, 0.0) <= _MAX_GAP)
+
+
+def _causal(q, k, v, key_valid, pool, value_pool, scale, chunk, *,
+            form: str = "auto"):
+  """Causal form, Lq == Lk; see the module docstring.
+
+  `form`: "matmul", "pairs", or "auto" (matmul unless a gap is too large).
+  """
+  b, l, h, dh = q.shape
+  c = min(chunk, l)
+  n = -(-l // c)
+  if key_valid is None:
+    key_valid = jnp.ones((b, l), bool)
+
+  def chunks(x):
+    x = jnp.pad(x, [(0, 0), (0, n * c - l)] + [(0, 0)] * (x.ndim - 2))
+    return x.reshape(b, n, c, *x.shape[2:])
+
+  qc, kc, vc = (chunks(x.astype(jnp.float32)) for x in (q, k, v))
+  valid = chunks(key_valid)
+  sk = chunks(_scores(k, pool))
+  sv = None if value_pool is None else chunks(_scores(v, value_pool))
+  args = (qc, kc, vc, sk, sv, valid)
+  if form == "matmul":
+    out = _matmul_form(*args, scale)
+  elif form == "pairs":
+    out = _pairs_form(*args, scale)
+  else:
+    out = _either_form(scale, *args)
   return out.reshape(b, n * c, h, -1)[:, :l]  # values may differ from Dh
+
+
+def _forms_ok(sk, sv, valid):
+  ok = _gaps_small(sk, valid)
+  return ok if sv is None else jnp.logical_and(ok, _gaps_small(sv, valid))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _either_form(scale, qc, kc, vc, sk, sv, valid):
+  """The matmul form, or the pairwise one where a gap is too large.
+
+  One `lax.cond` in the forward pass and one in the backward pass, which
+  recomputes the chosen form from the inputs (a differentiated `lax.cond`
+  would carry both forms' residuals).
+  """
+  return jax.lax.cond(_forms_ok(sk, sv, valid),
+                      lambda a: _matmul_form(*a, scale),
+                      lambda a: _pairs_form(*a, scale),
+                      (qc, kc, vc, sk, sv, valid))
+
+
+def _either_form_fwd(scale, qc, kc, vc, sk, sv, valid):
+  args = (qc, kc, vc, sk, sv, valid)
+  return _either_form(scale, *args), args
+
+
+def _either_form_bwd(scale, args, g):
+  valid = args[-1]
+
+  def vjp(form):
+    def run(diff):
+      _, pull = jax.vjp(lambda *d: form(*d, valid, scale), *diff)
+      return pull(g)
+    return run
+
+  grads = jax.lax.cond(_forms_ok(args[3], args[4], valid),
+                       vjp(_matmul_form), vjp(_pairs_form), args[:-1])
+  return (*grads, None)
+
+
+_either_form.defvjp(_either_form_fwd, _either_form_bwd)
 
 
 def low_rank(
@@ -246,7 +393,7 @@ def low_rank(
     pool: jax.Array,  # [H, Dh, r]
     value_pool: jax.Array | None = None,  # [H, Dh, r]
     temperature: float = 1.0,
-    chunk: int = 32,
+    chunk: int = 64,
     return_weights: bool = False,
 ) -> tuple[jax.Array, jax.Array | None]:
   """LightSANs low-rank attention; see the module docstring.
@@ -314,7 +461,7 @@ class LowRankPool(nnx.Module):
 
   def __init__(self, num_heads: int, head_dim: int, num_latents: int = 16, *,
                separate_value_pool: bool = False, temperature: float = 1.0,
-               chunk: int = 32, rngs: nnx.Rngs):
+               chunk: int = 64, rngs: nnx.Rngs):
     self.temperature = temperature
     self.chunk = chunk
     init = nnx.initializers.normal(stddev=1.0 / math.sqrt(head_dim))
