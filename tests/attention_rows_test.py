@@ -1,5 +1,6 @@
 """Causal row blocks: the split covers every visible key, and the split
-softmax and HSTU attention give the reference's outputs and gradients."""
+softmax, HSTU, additive and DIN attention give the one-block outputs and
+gradients."""
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ from flax import nnx
 from recattn.attention import biases
 from recattn.attention import hstu
 from recattn.attention import masks
+from recattn.attention import mlp_score
 from recattn.attention import relative
 from recattn.attention import scaled_dot
 from recattn.attention.masks import Mask
@@ -70,6 +72,18 @@ def _biases(b, lq, lk, h):
   }
 
 
+def _mlp_score_pair(name, h, d):
+  """Row blocks (no weights) and one block over all keys (with weights)."""
+  if name == "additive":
+    module = mlp_score.Additive(h, d, rngs=nnx.Rngs(0))
+  else:
+    module = mlp_score.DIN(h, d, normalize=name == "din_softmax",
+                           rngs=nnx.Rngs(0))
+  split = lambda *a: module(*a)[0]
+  ref = lambda *a: module(*a, return_weights=True)[0]
+  return split, ref
+
+
 def _split_and_reference(name):
   if name == "scaled_dot":
     split = lambda *a: scaled_dot.by_rows(*a, scale=0.3)
@@ -95,8 +109,30 @@ def test_by_rows_matches_the_reference_with_gradients(
   q, k, v, valid = _inputs(b, lq, lk, h, 4, 6)
   mask = Mask(key_valid=valid, **mask_kw)
   split, ref = _split_and_reference(name)
+  _check_split(split, ref, q, k, v, mask, kinds)
+
+
+@pytest.mark.parametrize("name", ["additive", "din_softmax", "din_raw"])
+@pytest.mark.parametrize("mask_kw,lq", [
+    (MASKS[0], 17), (MASKS[1], 17), (MASKS[2], 17), (MASKS[3], 17),
+    (MASKS[0], 9),  # queries aligned right
+    (MASKS[0], 20),  # more queries than keys: the first block sees none
+])
+def test_mlp_score_rows_match_one_block_with_gradients(
+    monkeypatch, name, mask_kw, lq):
+  monkeypatch.setattr(mlp_score, "_MIN_ROWS", 3)
+  b, lk, h, d = 3, 17, 2, 4
+  q, k, v, valid = _inputs(b, lq, lk, h, d, d)
+  mask = Mask(key_valid=valid, **mask_kw)
+  split, ref = _mlp_score_pair(name, h, d)
+  kinds = ("none",) if name == "din_raw" else ("none", "dense")
+  _check_split(split, ref, q, k, v, mask, kinds)
+
+
+def _check_split(split, ref, q, k, v, mask, kinds):
+  b, lq, h = q.shape[0], q.shape[1], q.shape[2]
   for kind in kinds:
-    bias = _biases(b, lq, lk, h)[kind]
+    bias = _biases(b, lq, k.shape[1], h)[kind]
     def loss(fn, q, k, v, bias):
       return jnp.sum(jnp.sin(fn(q, k, v, mask, bias)))
     grad = lambda fn: jax.value_and_grad(

@@ -102,7 +102,8 @@ MIN_ROWS = 48
 MAX_ROW_BLOCKS = 8
 
 
-def causal_row_blocks(mask: Mask, q_len: int, k_len: int
+def causal_row_blocks(mask: Mask, q_len: int, k_len: int, *,
+                      min_rows: int | None = None
                       ) -> list[tuple[int, int, int, int]]:
   """Static query-row blocks and the keys they can see, for causal masks.
 
@@ -111,10 +112,15 @@ def causal_row_blocks(mask: Mask, q_len: int, k_len: int
   upper triangle: with n blocks it computes (n + 1) / 2n of it (62.5% for
   L = 200, n = 4). Not causal, or too few rows: one block, all keys.
 
+  `min_rows` (default `MIN_ROWS`) is the fewest rows a block may have:
+  variants whose score per pair costs more than a dot product split sooner.
+  A block whose queries see no key (Lq > Lk) gets an empty key range.
+
   Returns:
     `[(q0, q1, k0, k1)]` covering queries 0..q_len in order.
   """
-  n = min(MAX_ROW_BLOCKS, q_len // MIN_ROWS) if mask.causal else 1
+  min_rows = min_rows or MIN_ROWS
+  n = min(MAX_ROW_BLOCKS, q_len // min_rows) if mask.causal else 1
   if n <= 1:
     return [(0, q_len, 0, k_len)]
   offset = k_len - q_len  # query i sits at key position i + offset
@@ -122,17 +128,19 @@ def causal_row_blocks(mask: Mask, q_len: int, k_len: int
   out = []
   for q0, q1 in zip(cuts[:-1], cuts[1:]):
     k0 = 0 if mask.window is None else max(0, q0 + offset - mask.window + 1)
-    out.append((q0, q1, k0, min(k_len, q1 + offset)))
+    out.append((q0, q1, k0, max(k0, min(k_len, q1 + offset))))
   return out
 
 
-def causal_row_tiles(mask: Mask, bias, q_len: int, k_len: int):
+def causal_row_tiles(mask: Mask, bias, q_len: int, k_len: int, *,
+                     min_rows: int | None = None):
   """Yields `(q0, q1, k0, k1, allowed, bias_tile)` per causal row block.
 
   `allowed` `[B|1, 1, q1 - q0, k1 - k0]` and the dense `bias_tile` (or None)
   cover that block's queries and keys, in key coordinates as `Mask.allowed`.
   """
-  for q0, q1, k0, k1 in causal_row_blocks(mask, q_len, k_len):
+  for q0, q1, k0, k1 in causal_row_blocks(mask, q_len, k_len,
+                                          min_rows=min_rows):
     q_pos = jnp.arange(q0, q1) + (k_len - q_len)
     k_pos = jnp.arange(k0, k1)
     yield (q0, q1, k0, k1, mask.allowed(q_pos, k_pos, k_len),

@@ -15,7 +15,9 @@ Both are evaluated per head (parameters carry a leading head axis), so the
 multi-head wrapper applies to them like to any other variant.
 Time O(B H Lq Lk d_k d_a); memory O(B H Lq Lk d_a) for the hidden layer of
 the score network: use them for target attention (few queries) or short
-sequences.
+sequences. Causal self-attention scores one row block at a time and skips
+the keys a block cannot see (`masks.causal_row_blocks`, from 8 rows per
+block: about 0.56 of the pairs at L = 50).
 """
 
 import jax
@@ -23,20 +25,58 @@ import jax.numpy as jnp
 from flax import nnx
 
 from recattn.attention import biases
+from recattn.attention import masks
 from recattn.attention import weights as weights_lib
 from recattn.attention.masks import Mask
 
 
-def _softmax_pool(scores, v, mask, bias):
-  lq, lk = scores.shape[-2:]
-  scores = biases.add(scores, biases.dense(bias, lq, lk))
-  dense = mask.dense(lq, lk)
-  if dense is not None:
-    scores = jnp.where(dense, scores, jnp.finfo(scores.dtype).min)
-  w = jax.nn.softmax(scores, axis=-1)
-  if dense is not None:
-    w = jnp.where(dense, w, 0.0)
+# A pair's score is a hidden layer here, not one dot product, so skipping
+# the causal mask's upper triangle pays from a few rows per block on.
+_MIN_ROWS = 8
+
+
+def _pool(scores, v, allowed, bias, normalize: bool):
+  """Weights from scores (softmax or DIN's raw), then the weighted values."""
+  if normalize:
+    scores = biases.add(scores, bias)
+    if allowed is not None:
+      scores = jnp.where(allowed, scores, jnp.finfo(scores.dtype).min)
+    w = jax.nn.softmax(scores, axis=-1)
+  else:
+    w = scores
+  if allowed is not None:
+    w = jnp.where(allowed, w, 0.0)
   return jnp.einsum("bhqk,bkhd->bqhd", w, v), w
+
+
+def _by_rows(score, v, mask, bias, q_len, *, normalize, return_weights):
+  """Pooled output, scored one causal row block at a time.
+
+  Args:
+    score: `score(q0, q1, k0, k1)` -> `[B, H, q1 - q0, k1 - k0]` scores.
+    v: `[B, Lk, H, Dv]` values.
+    mask, bias: as for every variant.
+    q_len: number of queries.
+    normalize: softmax over keys, or raw weights.
+    return_weights: one block over all keys, weights returned.
+
+  Returns:
+    `(out [B, Lq, H, Dv], weights [B, H, Lq, Lk] or None)`.
+  """
+  k_len = v.shape[1]
+  if return_weights:
+    w_all = _pool(score(0, q_len, 0, k_len), v, mask.dense(q_len, k_len),
+                  biases.dense(bias, q_len, k_len), normalize)
+    return w_all
+  outs = []
+  for q0, q1, k0, k1, allowed, tile in masks.causal_row_tiles(
+      mask, bias, q_len, k_len, min_rows=_MIN_ROWS):
+    if k1 == k0:  # these queries see no key
+      outs.append(jnp.zeros((v.shape[0], q1 - q0) + v.shape[2:], v.dtype))
+      continue
+    outs.append(_pool(score(q0, q1, k0, k1), v[:, k0:k1], allowed, tile,
+                      normalize)[0])
+  return jnp.concatenate(outs, axis=1), None
 
 
 def additive(q, k, v, mask: Mask, bias=None, *, w_q, w_k, v_a,
@@ -54,10 +94,13 @@ def additive(q, k, v, mask: Mask, bias=None, *, w_q, w_k, v_a,
                            k.shape[1])
   qa = jnp.einsum("bqhd,hda->bhqa", q, w_q)
   ka = jnp.einsum("bkhd,hda->bhka", k, w_k)
-  hidden = jnp.tanh(qa[:, :, :, None, :] + ka[:, :, None, :, :])
-  scores = jnp.einsum("bhqka,ha->bhqk", hidden, v_a)
-  out, w = _softmax_pool(scores, v, mask, bias)
-  return out, (w if return_weights else None)
+
+  def score(q0, q1, k0, k1):
+    hidden = jnp.tanh(qa[:, :, q0:q1, None, :] + ka[:, :, None, k0:k1, :])
+    return jnp.einsum("bhqka,ha->bhqk", hidden, v_a)
+
+  return _by_rows(score, v, mask, bias, q.shape[1], normalize=True,
+                  return_weights=return_weights)
 
 
 def din(q, k, v, mask: Mask, bias=None, *, layers, normalize: bool = False,
@@ -83,21 +126,22 @@ def din(q, k, v, mask: Mask, bias=None, *, layers, normalize: bool = False,
   (w1, b1), rest = layers[0], layers[1:]
   wq, wk, wd, wp = (w1[:, i * dh:(i + 1) * dh] for i in range(4))
   # [q, k, q - k, q * k] @ W1 without building the concatenation.
-  hidden = (jnp.einsum("bqhd,hda->bhqa", q, wq + wd)[:, :, :, None]
-            + jnp.einsum("bkhd,hda->bhka", k, wk - wd)[:, :, None]
-            + jnp.einsum("bqhd,bkhd,hda->bhqka", q, k, wp)
-            + b1[None, :, None, None])
-  for w, b in rest:
-    hidden = jax.nn.sigmoid(hidden)
-    hidden = jnp.einsum("bhqka,hac->bhqkc", hidden, w) + b[None, :, None, None]
-  scores = hidden[..., 0]
-  if normalize:
-    out, w = _softmax_pool(scores, v, mask, bias)
-  else:
-    dense = mask.dense(q.shape[1], k.shape[1])
-    w = scores if dense is None else jnp.where(dense, scores, 0.0)
-    out = jnp.einsum("bhqk,bkhd->bqhd", w, v)
-  return out, (w if return_weights else None)
+  qw = jnp.einsum("bqhd,hda->bhqa", q, wq + wd)
+  kw = jnp.einsum("bkhd,hda->bhka", k, wk - wd)
+
+  def score(q0, q1, k0, k1):
+    hidden = (qw[:, :, q0:q1, None] + kw[:, :, None, k0:k1]
+              + jnp.einsum("bqhd,bkhd,hda->bhqka", q[:, q0:q1], k[:, k0:k1],
+                           wp)
+              + b1[None, :, None, None])
+    for w, b in rest:
+      hidden = jax.nn.sigmoid(hidden)
+      hidden = (jnp.einsum("bhqka,hac->bhqkc", hidden, w)
+                + b[None, :, None, None])
+    return hidden[..., 0]
+
+  return _by_rows(score, v, mask, bias, q.shape[1], normalize=normalize,
+                  return_weights=return_weights)
 
 
 class Additive(nnx.Module):
