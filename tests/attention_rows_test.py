@@ -101,6 +101,8 @@ def _split_and_reference(name):
     (MASKS[2], 17, ("position+time",)),
     (MASKS[3], 17, ("dense",)),
     (MASKS[0], 9, ("none",)),  # queries aligned right: incremental decoding
+    (MASKS[0], 26, ("none", "dense")),  # more queries than keys: blocks
+                                        # that see no key output zeros
 ])
 def test_by_rows_matches_the_reference_with_gradients(
     monkeypatch, name, mask_kw, lq, kinds):

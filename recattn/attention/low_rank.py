@@ -58,7 +58,9 @@ The matmul form loses a query's weights to underflow only if its prefix max
 sits far (`_MAX_GAP` = 60) below its chunk's max, i.e. a later item of the
 same chunk outscores all of the query's items by e^60; a batch where that
 happens takes the pairs form (one `lax.cond` forward and one backward, which
-recomputes the chosen form):
+recomputes the chosen form). The check is a few reductions (each sequence's
+visible scores spanning at most 60 rules a gap out); only a batch with a
+wider span computes the per-position running max:
 
   time O(B H L chunk (Dh + r) + B H L r Dh),
   memory O(B H (L chunk + L r + (L/chunk) r Dh)), pairs form L chunk r.
@@ -156,8 +158,16 @@ def _safe_exp(x, ok):
   return jnp.where(ok, jnp.exp(jnp.where(ok, x, 0.0)), 0.0)
 
 
+def _running_max(s):
+  """R_i: the running max through position i of `[B, n, c, H, r]` scores
+  (invalid items already at the lowest float), no gradient."""
+  b, n, c = s.shape[:3]
+  run = jax.lax.cummax(s.reshape(b, n * c, *s.shape[3:]), axis=1)
+  return jax.lax.stop_gradient(run.reshape(s.shape))
+
+
 def _carry(s, valid, xs):
-  """Running max, exp-weights against each chunk's max, and carried sums.
+  """Exp-weights against each chunk's max, and carried sums.
 
   Args:
     s: `[B, n, c, H, r]` scores.
@@ -165,20 +175,18 @@ def _carry(s, valid, xs):
     xs: tensors `[B, n, c, H, D]` to pool.
 
   Returns:
-    `(s, run, e, past_xs, past_z, rho)`: `s` with invalid items at the
-    lowest float; `run [B, n, c, H, r]` the running max R_i of the visible
-    scores through position i; `e` = exp(s_j - M_n) for visible j, else 0,
-    where M_n is R at chunk n's last position; `past_xs [B, n, H, r, D]`
-    and `past_z [B, n, H, r]` the sums of exp(s_j - P_n) x_j and
-    exp(s_j - P_n) over the chunks before n (P_n = M_{n-1}); `rho
+    `(s, chunk_ref, e, past_xs, past_z, rho)`: `s` with invalid items at
+    the lowest float; `chunk_ref [B, n, H, r]` M_n, the max of the visible
+    scores through chunk n (a running max over chunks: n values, not
+    n * c); `e` = exp(s_j - M_n) for visible j, else 0; `past_xs
+    [B, n, H, r, D]` and `past_z [B, n, H, r]` the sums of exp(s_j - P_n)
+    x_j and exp(s_j - P_n) over the chunks before n (P_n = M_{n-1}); `rho
     [B, n, H, r]` = exp(P_n - M_n) <= 1. No exponent is positive.
   """
-  b, n, c = s.shape[:3]
   valid5 = valid[..., None, None]
   s = jnp.where(valid5, s, _LOW)
-  run = jax.lax.cummax(s.reshape(b, n * c, *s.shape[3:]), axis=1)
-  run = jax.lax.stop_gradient(run.reshape(s.shape))
-  chunk_ref = run[:, :, -1]  # M_n
+  chunk_ref = jax.lax.stop_gradient(
+      jax.lax.cummax(s.max(axis=2), axis=1))  # M_n
   prev_ref = _previous(chunk_ref)  # P_n
   e = _safe_exp(s - chunk_ref[:, :, None], valid5)
   sums = [jnp.einsum("bnchr,bnchd->bnhrd", e, x) for x in xs]
@@ -198,7 +206,7 @@ def _carry(s, valid, xs):
   _, past = jax.lax.scan(step, init,
                          ([time_major(x) for x in sums], time_major(rho)))
   past = [jnp.moveaxis(p, 0, 1) for p in past]
-  return s, run, e, past[:-1], past[-1], rho
+  return s, chunk_ref, e, past[:-1], past[-1], rho
 
 
 def _previous(chunk_ref):
@@ -226,8 +234,9 @@ def _prefix_pool(s, valid, xs):
     the item holding the max contributes exactly 1, so no sum underflows.
   """
   c = s.shape[2]
-  s, run, _, past_xs, past_z, _ = _carry(s, valid, xs)
-  prev_ref = _previous(run[:, :, -1])
+  s, chunk_ref, _, past_xs, past_z, _ = _carry(s, valid, xs)
+  run = _running_max(s)
+  prev_ref = _previous(chunk_ref)
   rescale = jnp.exp(prev_ref[:, :, None] - run)
   s_j = jnp.moveaxis(s, 2, -1)[..., None, :]  # [B, n, H, r, 1, c]
   r_i = jnp.moveaxis(run, 2, -1)[..., :, None]  # [B, n, H, r, c, 1]
@@ -302,14 +311,25 @@ def _matmul_form(qc, kc, vc, sk, sv, valid, scale):
 
 
 def _gaps_small(s, valid):
-  """Whether every query's prefix max is within `_MAX_GAP` of its chunk's."""
-  b, n, c = s.shape[:3]
+  """Whether every query's prefix max is within `_MAX_GAP` of its chunk's.
+
+  First the sufficient test that each sequence's visible scores span at
+  most `_MAX_GAP` (a query's prefix max is at least the lowest visible
+  score, its chunk's max at most the highest): a few reductions. Only a
+  batch that fails it pays for the per-position running max.
+  """
   s = jnp.where(valid[..., None, None], s, _LOW)
-  run = jax.lax.cummax(s.reshape(b, n * c, *s.shape[3:]), axis=1)
-  run = run.reshape(s.shape)
-  gap = run[:, :, -1:] - run
-  seen = run > _LOW / 2
-  return jnp.all(jnp.where(seen, gap, 0.0) <= _MAX_GAP)
+
+  def exact():
+    run = _running_max(s)
+    gap = run[:, :, -1:] - run
+    return jnp.all(jnp.where(run > _LOW / 2, gap, 0.0) <= _MAX_GAP)
+
+  seen = valid.any(axis=(1, 2))[:, None, None]  # [B, 1, 1]
+  spread = s.max(axis=(1, 2)) - jnp.where(
+      valid[..., None, None], s, -_LOW).min(axis=(1, 2))  # [B, H, r]
+  narrow = jnp.all(jnp.where(seen, spread, 0.0) <= _MAX_GAP)
+  return jax.lax.cond(narrow, lambda: jnp.asarray(True), exact)
 
 
 def _causal(q, k, v, key_valid, pool, value_pool, scale, chunk, *,
