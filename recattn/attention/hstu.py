@@ -79,27 +79,35 @@ def reference(q, k, v, mask: Mask, bias=None, *, alpha: float,
     out `[B, Lq, H, Dv]` and weights `[B, H, Lq, Lk]`.
   """
   q_len, k_len = q.shape[1], k.shape[1]
-  return _silu_tile(q, k, v, mask.dense(q_len, k_len),
-                    biases.dense(bias, q_len, k_len), alpha=alpha,
-                    normalizer=normalizer, k_len=k_len)
+  out, weights = _silu_tile(*_heads_first(q, k, v), mask.dense(q_len, k_len),
+                            biases.dense(bias, q_len, k_len), alpha=alpha,
+                            normalizer=normalizer, k_len=k_len)
+  return jnp.swapaxes(out, 1, 2), weights
 
 
-def _silu_tile(q, k, v, allowed, bias, *, alpha, normalizer, k_len):
-  """silu attention of queries `q` over keys `k`; returns (out, weights).
+def _heads_first(*xs):
+  """`[B, L, H, D]` -> `[B, H, L, D]`: one transpose per tensor, instead of
+  one per row block and einsum (XLA:CPU copies each slice it contracts)."""
+  return tuple(jnp.swapaxes(x, 1, 2) for x in xs)
+
+
+def _silu_tile(qh, kh, vh, allowed, bias, *, alpha, normalizer, k_len):
+  """silu attention of queries over keys in `[B, H, L, D]` layout; returns
+  (out `[B, H, Tq, Dv]`, weights).
 
   `allowed` `[B|1, 1, Tq, Tk]` or None and `bias` (dense) cover these
   queries and keys; `k_len` is the whole sequence's key count ("padded").
   """
-  logits = biases.add(jnp.einsum("bqhd,bkhd->bhqk", q, k) * alpha, bias)
+  logits = biases.add(jnp.einsum("bhqd,bhkd->bhqk", qh, kh) * alpha, bias)
   weights = jax.nn.silu(logits)
   if allowed is not None:
     weights = jnp.where(allowed, weights, 0.0)
-  if normalizer == "padded":
-    weights = weights / k_len
+  if normalizer == "padded":  # a product: XLA:CPU divides elementwise
+    weights = weights * (1.0 / k_len)
   else:
-    weights = weights / _visible_counts(allowed, q.shape[1], k.shape[1]
-                                        ).astype(weights.dtype)
-  out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    weights = weights * (1.0 / _visible_counts(
+        allowed, qh.shape[2], kh.shape[2]).astype(weights.dtype))
+  out = jnp.einsum("bhqk,bhkd->bhqd", weights, vh)
   return out, weights
 
 
@@ -112,11 +120,13 @@ def by_rows(q, k, v, mask: Mask, bias=None, *, alpha: float,
   normaliser's counts are unchanged.
   """
   q_len, k_len = q.shape[1], k.shape[1]
-  outs = [_silu_tile(q[:, q0:q1], k[:, k0:k1], v[:, k0:k1], allowed, tile,
-                     alpha=alpha, normalizer=normalizer, k_len=k_len)[0]
+  qh, kh, vh = _heads_first(q, k, v)
+  outs = [_silu_tile(qh[:, :, q0:q1], kh[:, :, k0:k1], vh[:, :, k0:k1],
+                     allowed, tile, alpha=alpha, normalizer=normalizer,
+                     k_len=k_len)[0]
           for q0, q1, k0, k1, allowed, tile in masks.causal_row_tiles(
               mask, bias, q_len, k_len)]
-  return jnp.concatenate(outs, axis=1)
+  return jnp.swapaxes(jnp.concatenate(outs, axis=2), 1, 2)
 
 
 def blockwise(q, k, v, mask: Mask, bias=None, *, alpha: float,
