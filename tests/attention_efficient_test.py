@@ -316,19 +316,18 @@ def test_low_rank_matmul_and_pairs_forms_agree(separate):
     np.testing.assert_allclose(gm, gp, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("scores,ok", [
-    ([0.0, 1.0, -2.0, 3.0, 0.5, 2.0], True),  # narrow: the cheap test
-    ([100.0, -100.0, -50.0, 0.0, -90.0, 20.0], True),  # wide, no gap
-    ([0.0, 1.0, 100.0, 3.0, 0.5, 2.0], False),  # 99 below its chunk's max
-    ([-100.0, 0.0, 0.0, 0.0, 0.0, 0.0], True),  # the low item is padding
+@pytest.mark.parametrize("scores,pad,ok", [
+    ([0.0, 1.0, -2.0, 3.0, 0.5, 2.0], 0, True),  # narrow: the cheap test
+    ([100.0, -100.0, -50.0, 0.0, -90.0, 20.0], 0, True),  # wide, no gap
+    ([0.0, 1.0, 100.0, 3.0, 0.5, 2.0], 0, False),  # 99 below its chunk's
+    ([-100.0, 0.0, 100.0, 3.0, 0.5, 2.0], 1, False),  # max, after padding
+    ([-100.0, 0.0, 0.0, 0.0, 0.0, 0.0], 1, True),  # the low item is padding
 ])
-def test_low_rank_guard_measures_gaps_not_spread(scores, ok):
+def test_low_rank_guard_measures_gaps_not_spread(scores, pad, ok):
   """A wide score range alone does not force the pairs form; a query whose
   prefix max sits > `_MAX_GAP` below its chunk's max does."""
   s = jnp.asarray(scores, jnp.float32).reshape(1, 2, 3, 1, 1)  # chunks of 3
-  valid = jnp.asarray([False] + [True] * 5).reshape(1, 2, 3)
-  if scores[0] != -100.0:
-    valid = jnp.ones((1, 2, 3), bool)
+  valid = (jnp.arange(6) >= pad).reshape(1, 2, 3)
   assert bool(jax.jit(low_rank_lib._forms_ok)(s, None, valid)) == ok
 
 
