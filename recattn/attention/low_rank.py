@@ -318,7 +318,8 @@ def _gaps_small(s, valid):
   score, its chunk's max at most the highest): a few reductions. Only a
   batch that fails it pays for the per-position running max.
   """
-  s = jnp.where(valid[..., None, None], s, _LOW)
+  visible = valid[..., None, None]
+  s = jnp.where(visible, s, _LOW)
 
   def exact():
     run = _running_max(s)
@@ -327,7 +328,7 @@ def _gaps_small(s, valid):
 
   seen = valid.any(axis=(1, 2))[:, None, None]  # [B, 1, 1]
   spread = s.max(axis=(1, 2)) - jnp.where(
-      valid[..., None, None], s, -_LOW).min(axis=(1, 2))  # [B, H, r]
+      visible, s, -_LOW).min(axis=(1, 2))  # [B, H, r]
   narrow = jnp.all(jnp.where(seen, spread, 0.0) <= _MAX_GAP)
   return jax.lax.cond(narrow, lambda: jnp.asarray(True), exact)
 
