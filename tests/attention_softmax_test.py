@@ -145,7 +145,9 @@ def _din_module(h, d, normalize):
                           rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+# From mlp_score._MIN_ROWS (8) queries on, additive scores one hidden unit
+# at a time (mlp_score.tanh_scores).
+@pytest.mark.parametrize("shape", SHAPES + [(2, 9, 11, 2, 4)])
 def test_additive_matches_numpy(shape):
   q, k, v, valid = _inputs(shape)
   mod = _additive_module(shape[3], shape[4])
@@ -208,13 +210,16 @@ def test_causality_and_padding_invariance(name):
   np.testing.assert_allclose(out[0, :2], 0.0, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", ["dot", "scaled_dot", "additive", "din"])
-def test_gradients_match_float64_reference(name):
+@pytest.mark.parametrize("name,length", [
+    ("dot", 5), ("scaled_dot", 5), ("additive", 5), ("din", 5),
+    ("additive", 9),  # one hidden unit at a time
+])
+def test_gradients_match_float64_reference(name, length):
   fn = _callables()[name]
-  shape = (2, 5, 5, 2, 4)
+  shape = (2, length, length, 2, 4)
   q, k, v, valid = _inputs(shape, seed=5)
   mask = Mask(causal=True, key_valid=jnp.asarray(valid))
-  m = _np_mask(5, 5, valid, True)
+  m = _np_mask(length, length, valid, True)
   cot = np.random.default_rng(6).normal(size=q.shape)
 
   def loss(q, k, v):
@@ -286,6 +291,31 @@ def test_bf16_within_tolerance(name):
   out32, _ = fn(*_f32(q, k, v), mask)
   out16, _ = fn(*(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)), mask)
   np.testing.assert_allclose(np.asarray(out16, np.float32), out32, atol=5e-2)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5),
+                                       (jnp.bfloat16, 5e-2)])
+def test_tanh_scores_match_autodiff_of_the_whole_hidden_layer(dtype, tol):
+  r = np.random.default_rng(9)
+  qa, ka = r.normal(size=(2, 3, 5, 7)), r.normal(size=(2, 3, 5, 9))
+  v_a, cot = r.normal(size=(3, 5)), r.normal(size=(2, 3, 7, 9))
+
+  def whole(qa, ka, v_a):
+    hidden = jnp.tanh(qa[..., :, None] + ka[..., None, :])
+    return jnp.einsum("bhaqk,ha->bhqk", hidden, v_a)
+
+  def value_and_grads(fn, *args):
+    out, pull = jax.vjp(fn, *args)
+    return (out,) + pull(jnp.asarray(cot, out.dtype))
+
+  got = value_and_grads(mlp_score.tanh_scores,
+                        *(jnp.asarray(x, dtype) for x in (qa, ka, v_a)))
+  want = value_and_grads(whole, *_f32(qa, ka, v_a))
+  for g, w in zip(got, want):
+    assert g.dtype == dtype and g.shape == w.shape
+    np.testing.assert_allclose(np.asarray(g, np.float32), w,
+                               atol=tol * max(1.0, float(jnp.abs(w).max())),
+                               rtol=tol)
 
 
 def test_weights_refused_when_too_large(monkeypatch):

@@ -7,10 +7,12 @@ Times forward + backward (gradients with respect to q, k, v and the
 variant's parameters) of `attention.layer(name, ...)` at B = 256, Lk = 50,
 one head of 64 (`configs/sasrec_beauty.py`), keys right-aligned with random
 lengths 1..50, for Lq = 50 (every block but the last) and Lq = 1 (the last
-block of a per-prefix row, `encode(last=1)`). Median of `--reps` after a
-compiling call. `--variants` picks a subset; `local` uses window 10, as in
-study 003. Run it with `PYTHONPATH=<another checkout>` to time that
-checkout's code with the same script.
+block of a per-prefix row, `encode(last=1)`). `--shape=ml1m` times ML-1M's
+shape instead (B = 128, L = 200, one head of 50: `configs/sasrec_ml1m.py`).
+Median of `--reps` after a compiling call. `--variants` picks a subset;
+`local` uses window 10, as in study 003. Run it with
+`PYTHONPATH=<another checkout>` to time that checkout's code with the same
+script.
 """
 
 import json
@@ -32,12 +34,16 @@ _OUT = flags.DEFINE_string("out", None, "Where to write the JSON results.")
 _REPS = flags.DEFINE_integer("reps", 15, "Timed calls per point.")
 _VARIANTS = flags.DEFINE_list("variants", None,
                               "Variants to time (default: all registered).")
-B, L, H, D = 256, 50, 1, 64
+_SHAPE = flags.DEFINE_enum("shape", "beauty", ["beauty", "ml1m"],
+                           "beauty: B=256, L=50, Dh=64; ml1m: B=128, L=200, "
+                           "Dh=50.")
+SHAPES = {"beauty": (256, 50, 1, 64), "ml1m": (128, 200, 1, 50)}
 OPTIONS = {"local": {"window": 10}}
 
 
 def _time(name: str, lq: int, q, k, v, mask: Mask) -> float:
-  core = attention.layer(name, H, D, OPTIONS.get(name, {}),
+  _, _, h, d = q.shape
+  core = attention.layer(name, h, d, OPTIONS.get(name, {}),
                          rngs=nnx.Rngs(0))
   graph, state = nnx.split(core)
 
@@ -57,6 +63,7 @@ def _time(name: str, lq: int, q, k, v, mask: Mask) -> float:
 
 def main(argv):
   del argv
+  B, L, H, D = SHAPES[_SHAPE.value]  # pylint: disable=invalid-name
   keys = jax.random.split(jax.random.key(0), 4)
   q, k, v = (jax.random.normal(x, (B, L, H, D)) for x in keys[:3])
   lengths = jax.random.randint(keys[3], (B,), 1, L + 1)
@@ -71,7 +78,8 @@ def main(argv):
   root = os.path.dirname(attention.__file__)
   commit = subprocess.run(["git", "-C", root, "describe", "--always",
                            "--dirty"], capture_output=True, text=True)
-  result = {"shape": {"B": B, "Lk": L, "H": H, "Dh": D},
+  result = {"shape": {"name": _SHAPE.value, "B": B, "Lk": L, "H": H,
+                      "Dh": D},
             "reps": _REPS.value, "rows": rows,
             "commit": commit.stdout.strip() or "unknown",
             "jax": jax.__version__, "platform": platform.platform(),

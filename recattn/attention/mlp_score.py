@@ -13,11 +13,13 @@
 
 Both are evaluated per head (parameters carry a leading head axis), so the
 multi-head wrapper applies to them like to any other variant.
-Time O(B H Lq Lk d_k d_a); memory O(B H Lq Lk d_a) for the hidden layer of
-the score network: use them for target attention (few queries) or short
-sequences. Causal self-attention scores one row block at a time and skips
-the keys a block cannot see (`masks.causal_row_blocks`, from 8 rows per
-block: about 0.56 of the pairs at L = 50).
+Time O(B H Lq Lk d_k d_a). Memory O(B H Lq Lk) for `additive`, which
+runs over its hidden units one at a time from `_MIN_ROWS` queries on
+(`tanh_scores`), and O(B H Lq Lk d_a) for DIN's hidden layers: use DIN
+for target attention (few queries) or short sequences. Causal
+self-attention scores one row block at a time and skips the keys a block
+cannot see (`masks.causal_row_blocks`, from 8 rows per block: about 0.56
+of the pairs at L = 50).
 """
 
 import jax
@@ -79,6 +81,68 @@ def _by_rows(score, v, mask, bias, q_len, *, normalize, return_weights):
   return jnp.concatenate(outs, axis=1), None
 
 
+def _accumulate(dtype):
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+@jax.custom_vjp
+def tanh_scores(qa, ka, v_a):
+  """Bahdanau's scores sum_a v_a[h, a] tanh(qa[b, h, a, i] + ka[b, h, a, j]).
+
+  One hidden unit `a` at a time (a loop over `Da`), so neither pass holds
+  the `[B, H, Lq, Lk, Da]` hidden layer: the forward pass adds `Da`
+  `[B, H, Lq, Lk]` terms and the backward pass recomputes each unit's tanh.
+  Written as a product and a sum over `a`, XLA:CPU turns the score into a
+  matrix-vector product over the materialised hidden layer, about 4 times
+  slower at L = 200 (experiments/000_speed_lean_step/variant_cores.py).
+
+  Args:
+    qa: `[B, H, Da, Lq]` projected queries (hidden unit first).
+    ka: `[B, H, Da, Lk]` projected keys.
+    v_a: `[H, Da]` output weights.
+
+  Returns:
+    `[B, H, Lq, Lk]` scores in `qa`'s dtype (accumulated in at least f32).
+  """
+  return _tanh_scores_fwd(qa, ka, v_a)[0]
+
+
+def _unit(qa, ka, a):
+  return jnp.tanh(qa[:, :, a, :, None].astype(_accumulate(qa.dtype))
+                  + ka[:, :, a, None, :].astype(_accumulate(ka.dtype)))
+
+
+def _tanh_scores_fwd(qa, ka, v_a):
+  b, h, units, q_len = qa.shape
+  acc = jnp.zeros((b, h, q_len, ka.shape[-1]), _accumulate(qa.dtype))
+
+  def add_unit(a, acc):
+    return acc + v_a[None, :, a, None, None] * _unit(qa, ka, a)
+
+  out = jax.lax.fori_loop(0, units, add_unit, acc)
+  return out.astype(qa.dtype), (qa, ka, v_a)
+
+
+def _tanh_scores_bwd(res, g):
+  qa, ka, v_a = res
+  g = g.astype(_accumulate(g.dtype))
+
+  def unit_grads(a, grads):
+    d_qa, d_ka, d_va = grads
+    t = _unit(qa, ka, a)
+    d_hidden = g * v_a[None, :, a, None, None] * (1 - t * t)
+    return (d_qa.at[:, :, a].set(d_hidden.sum(3).astype(d_qa.dtype)),
+            d_ka.at[:, :, a].set(d_hidden.sum(2).astype(d_ka.dtype)),
+            d_va.at[:, a].set((g * t).sum((0, 2, 3)).astype(d_va.dtype)))
+
+  return jax.lax.fori_loop(
+      0, qa.shape[2], unit_grads,
+      (jnp.zeros_like(qa), jnp.zeros_like(ka), jnp.zeros_like(v_a)))
+
+
+tanh_scores.defvjp(_tanh_scores_fwd, _tanh_scores_bwd)
+
+
 def additive(q, k, v, mask: Mask, bias=None, *, w_q, w_k, v_a,
              return_weights: bool = False):
   """Bahdanau attention; see the module docstring.
@@ -92,12 +156,21 @@ def additive(q, k, v, mask: Mask, bias=None, *, w_q, w_k, v_a,
   if return_weights:
     weights_lib.check_fits("additive", q.shape[0], q.shape[2], q.shape[1],
                            k.shape[1])
-  qa = jnp.einsum("bqhd,hda->bhqa", q, w_q)
-  ka = jnp.einsum("bkhd,hda->bhka", k, w_k)
+  if q.shape[1] >= _MIN_ROWS:
+    qa = jnp.einsum("bqhd,hda->bhaq", q, w_q)
+    ka = jnp.einsum("bkhd,hda->bhak", k, w_k)
 
-  def score(q0, q1, k0, k1):
-    hidden = jnp.tanh(qa[:, :, q0:q1, None, :] + ka[:, :, None, k0:k1, :])
-    return jnp.einsum("bhqka,ha->bhqk", hidden, v_a)
+    def score(q0, q1, k0, k1):
+      return tanh_scores(qa[..., q0:q1], ka[..., k0:k1], v_a)
+  else:
+    # Few queries (target attention, the last block of a per-prefix row):
+    # the hidden layer is small and the loop's fixed cost would dominate.
+    qa = jnp.einsum("bqhd,hda->bhqa", q, w_q)
+    ka = jnp.einsum("bkhd,hda->bhka", k, w_k)
+
+    def score(q0, q1, k0, k1):
+      hidden = jnp.tanh(qa[:, :, q0:q1, None] + ka[:, :, None, k0:k1])
+      return jnp.einsum("bhqka,ha->bhqk", hidden, v_a)
 
   return _by_rows(score, v, mask, bias, q.shape[1], normalize=True,
                   return_weights=return_weights)
