@@ -403,14 +403,14 @@ def test_parameter_study_starts_from_the_two_best_variants_on_validation(
     tmp_path):
   study = _load_params_study()
   variants = sweep.load_runs(study.VARIANTS_SWEEP, root=str(tmp_path / "003"))
-  gpu_only = sweep.load_module(study.VARIANTS_SWEEP).GPU_ONLY
-  assert {r.name for r in variants} >= set(gpu_only)
+  slow_on_cpu = sweep.load_module(study.VARIANTS_SWEEP).SLOW_ON_CPU
+  assert {r.name for r in variants} >= set(slow_on_cpu)
   def reference(run):
     return "loss.name" in run.overrides or (
         "model.item_features" in run.overrides)
 
   ml1m = [r for r in variants if r.config in study.ML1M_CONFIGS and
-          r.seed == 0 and not reference(r) and r.name not in gpu_only]
+          r.seed == 0 and not reference(r) and r.name not in slow_on_cpu]
   # Study 003's reference rows (another loss, item side information) are not
   # variants: never waited for, never chosen (even with the best validation
   # score).
@@ -446,9 +446,9 @@ def test_parameter_study_starts_from_the_two_best_variants_on_validation(
   runs = sweep.load_runs_from_groups(groups, root, _PARAMS)
   sweep.check(runs, _PARAMS)  # every point builds a valid config
 
-  # A GPU-only row that finishes later and ranks first brings its own
+  # A slow row that finishes later and ranks first brings its own
   # points into the study (every expansion re-plans).
-  din, = [r for r in variants if r.name == gpu_only[1]]
+  din, = [r for r in variants if r.name == slow_on_cpu[1]]
   _finish(din, **{"valid/full/ndcg@10": 0.35})
   replanned = study.plan(variants, str(tmp_path / "009b"))
   assert [g["overrides"][0] for g in replanned] == [

@@ -36,14 +36,14 @@ BEAUTY_VARIANTS = [
         "model.attention") == "local" else v for v in VARIANTS]
 
 
-# Rows too slow for this project's 2-core CPU: their score network runs for
-# every (query, key) pair, [B, L, L, hidden] at L = 200: about 6 hours a
-# run for additive and 20 for din (estimate from study 002's benchmark; see
-# this study's README). They run when a GPU is lent
+# Rows slow on this project's 2-core CPU: their score network runs for every
+# (query, key) pair at L = 200. din's [B, L, L, hidden] layers make it about
+# 20 hours a run here; additive, one hidden unit at a time since commit
+# 4a94208, about 3 (this study's README). A lent GPU runs them
 # (experiments/gpu_checks.sh runs this sweep); study 009 does not wait for
 # them (see its sweep file).
-GPU_ONLY = ("sasrec_ml1m__model.attention=additive__seed0",
-            "sasrec_ml1m__model.attention=din__seed0")
+SLOW_ON_CPU = ("sasrec_ml1m__model.attention=additive__seed0",
+               "sasrec_ml1m__model.attention=din__seed0")
 
 
 def get_sweep():

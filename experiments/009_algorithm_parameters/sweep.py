@@ -5,10 +5,10 @@
 Issue 4's study 002. Starts from study 003's ML-1M rows (every attention
 variant in SASRec's model, and the HSTU model): the two with the highest
 seed-0 validation full NDCG@10 are the variants studied here, so study 003's
-ML-1M runs at seed 0 must be finished first (except its GPU-only rows,
-`additive` and `din`, which count once they exist). For each, one parameter at a
-time moves to a smaller and a larger value, everything else as the variant's
-run in study 003 (stage 1, seed 0):
+ML-1M runs at seed 0 must be finished first (except its rows that are slow
+on a CPU, `additive` and `din`, which count once they exist). For each, one
+parameter at a time moves to a smaller and a larger value, everything else
+as the variant's run in study 003 (stage 1, seed 0):
 
   heads         model.num_heads: the nearest divisors of model.dim
   d_k           model.qk_dim: half and twice the query/key size per head
@@ -98,11 +98,11 @@ def best_variants(variant_runs: list[sweep_lib.Run]) -> list[sweep_lib.Run]:
   rows = [r for r in variant_runs
           if r.config in ML1M_CONFIGS and r.seed == 0
           and not any(k.startswith(REFERENCE_FIELDS) for k in r.overrides)]
-  # Study 003's GPU-only rows count once they exist; until then the choice
-  # is among the others. Every expansion re-plans, so a GPU-only row that
-  # later ranks in the top two brings its own points into the study.
-  gpu_only = sweep_lib.load_module(VARIANTS_SWEEP).GPU_ONLY
-  rows = [r for r in rows if r.finished() or r.name not in gpu_only]
+  # Study 003's rows that are slow on a CPU count once they exist; until
+  # then the choice is among the others. Every expansion re-plans, so such a
+  # row that later ranks in the top two brings its own points into the study.
+  slow = sweep_lib.load_module(VARIANTS_SWEEP).SLOW_ON_CPU
+  rows = [r for r in rows if r.finished() or r.name not in slow]
   missing = [r.name for r in rows if not r.finished()]
   if missing:
     raise sweep_lib.SweepError(
