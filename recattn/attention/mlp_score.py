@@ -93,8 +93,8 @@ def tanh_scores(qa, ka, v_a):
   the `[B, H, Lq, Lk, Da]` hidden layer: the forward pass adds `Da`
   `[B, H, Lq, Lk]` terms and the backward pass recomputes each unit's tanh.
   Written as a product and a sum over `a`, XLA:CPU turns the score into a
-  matrix-vector product over the materialised hidden layer, about 4 times
-  slower at L = 200 (experiments/000_speed_lean_step/variant_cores.py).
+  matrix-vector product over the materialised hidden layer, 3-4 times
+  slower at L = 200 (experiments/000_speed_lean_step/README.md).
 
   Args:
     qa: `[B, H, Da, Lq]` projected queries (hidden unit first).
