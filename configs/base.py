@@ -74,7 +74,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model.dim = 50
   c.model.ffn_dim = 0  # 0 = dim
   c.model.dropout = 0.2
-  c.model.norm = "sasrec"  # sasrec | pre | post (LayerNorm placement)
+  # LayerNorm placement: sasrec | pre | post | ligr (pre-norm with gated
+  # residuals, eSASRec's layer)
+  c.model.norm = "sasrec"
+  c.model.ffn_act = "relu"  # feed-forward activation: relu | gelu | swiglu
   # Kernel init of SASRec's projections and feed-forward layers: torch
   # (uniform, bound 1/sqrt(fan_in)) | normal (N(0, 0.02), as in SASRec+)
   c.model.dense_init = "torch"

@@ -67,6 +67,14 @@ def validate(config) -> None:
   _choice(config, "model.attention", attention.REGISTRY)
   _choice(config, "model.norm", sasrec.NORMS)
   _choice(config, "model.dense_init", tuple(sasrec.DENSE_INITS))
+  ffn_act = config.model.get("ffn_act", "relu")  # absent from older records
+  _require(ffn_act in sasrec.FFN_ACTS,
+           f"config.model.ffn_act={ffn_act!r}: allowed values are "
+           f"{sorted(sasrec.FFN_ACTS)}")
+  _require(ffn_act == "relu" or config.model.name == "sasrec",
+           f"config.model.ffn_act={ffn_act!r}: only "
+           "model.name='sasrec' has it (BSARec's feed-forward layer is GELU, "
+           "HSTU has none); set 'relu'")
   _choice(config, "model.rel_bias", models_base.REL_BIASES)
   _choice(config, "model.positions", models_base.POSITIONS)
   alpha, c = (config.model.get("bsarec_alpha", 0.7),

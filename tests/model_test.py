@@ -12,17 +12,20 @@ from recattn import models
 
 
 def _model(attention_name="scaled_dot", norm="sasrec", dim=16, heads=2,
-           blocks=2, num_items=40, max_len=10):
+           blocks=2, num_items=40, max_len=10, ffn_act="relu", ffn_dim=0):
   cfg = ml_collections.ConfigDict(dict(
       name="sasrec", attention=attention_name, num_blocks=blocks,
-      num_heads=heads, dim=dim, ffn_dim=0, dropout=0.3, norm=norm,
-      l2_norm=False))
+      num_heads=heads, dim=dim, ffn_dim=ffn_dim, dropout=0.3, norm=norm,
+      l2_norm=False, ffn_act=ffn_act))
   return models.create(cfg, num_items=num_items, max_len=max_len, seed=0)
 
 
-@pytest.mark.parametrize("norm", ["sasrec", "pre", "post"])
-def test_causality_changing_a_later_item_never_changes_earlier_outputs(norm):
-  model = _model(norm=norm)
+@pytest.mark.parametrize("norm,ffn_act", [
+    ("sasrec", "relu"), ("pre", "relu"), ("post", "relu"), ("ligr", "swiglu"),
+    ("pre", "gelu")])
+def test_causality_changing_a_later_item_never_changes_earlier_outputs(
+    norm, ffn_act):
+  model = _model(norm=norm, ffn_act=ffn_act)
   items = jnp.array([[0, 0, 3, 5, 7, 9, 11, 2, 4, 6]])
   h = model.encode(items)
   for t in range(2, 9):
@@ -55,6 +58,43 @@ def test_exact_parameter_count():
   n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
   per_block = (d * 3 * d + 3 * d) + (d * d + d) + 2 * (2 * d) + 2 * (d * d + d)
   assert n == (v + 1) * d + l * d + blocks * per_block + 2 * d
+
+
+def test_ligr_and_swiglu_parameter_count():
+  d, f, v, l, blocks = 16, 64, 40, 10, 2
+  model = _model(dim=d, num_items=v, max_len=l, blocks=blocks, norm="ligr",
+                 ffn_act="swiglu", ffn_dim=f)
+  n = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  per_block = ((d * 3 * d + 3 * d) + (d * d + d) + 2 * (2 * d)
+               + (d * 2 * f + 2 * f) + (f * d + d)  # SwiGLU: two inputs
+               + 2 * (d * d + d))  # the two residual gates
+  assert n == (v + 1) * d + l * d + blocks * per_block + 2 * d
+
+
+def test_ligr_block_is_the_gated_pre_norm_block():
+  """Open gates (sigmoid -> 1) turn LiGR into the pre-norm block; closed
+  gates (sigmoid -> 0) turn every block into the identity."""
+  items = jnp.array([[0, 0, 3, 5, 7, 9, 11, 2, 4, 6]])
+  pre, ligr = _model(norm="pre"), _model(norm="ligr")
+  for block_pre, block_ligr in zip(pre.blocks, ligr.blocks):
+    for name in ("attn", "ln_attn", "ln_ffn", "ffn_in", "ffn_out"):
+      nnx.update(getattr(block_ligr, name),
+                 nnx.state(getattr(block_pre, name)))
+  for name in ("item_embedding", "pos_embedding", "final_ln"):
+    nnx.update(getattr(ligr, name), nnx.state(getattr(pre, name)))
+
+  def set_gates(bias):
+    for block in ligr.blocks:
+      for gate in (block.gate_attn, block.gate_ffn):
+        gate.kernel[...] = jnp.zeros_like(gate.kernel[...])
+        gate.bias[...] = jnp.full_like(gate.bias[...], bias)
+
+  set_gates(30.0)
+  np.testing.assert_allclose(ligr.encode(items), pre.encode(items),
+                             atol=1e-5)
+  set_gates(-30.0)
+  x0, _ = ligr.embed(items, None)
+  np.testing.assert_allclose(ligr.encode(items), ligr.output(x0), atol=1e-5)
 
 
 @pytest.mark.parametrize("dense_init", ["torch", "normal"])

@@ -148,6 +148,7 @@ LAST_CASES = CASES + [
     ("sasrec", "scaled_dot", "none", {"norm": "pre"}),
     ("sasrec", "scaled_dot", "position", {"norm": "post"}),
     ("sasrec", "scaled_dot", "none", {"kv_raw": True}),
+    ("sasrec", "scaled_dot", "none", {"norm": "ligr", "ffn_act": "swiglu"}),
     ("sasrec", "scaled_dot", "time", {"remat": True}),
     ("hstu", "hstu", "position", {"remat": True, "num_blocks": 1}),
 ]

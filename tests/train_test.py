@@ -147,6 +147,10 @@ def test_entry_point_end_to_end(tmp_path):
      "'torch']"),
     ("data.train_windows", "every", "allowed values are ['all', 'last', "
      "'prefixes']"),
+    ("model.norm", "rms", "config.model.norm='rms': allowed values are "
+     "['ligr', 'post', 'pre', 'sasrec']"),
+    ("model.ffn_act", "tanh", "config.model.ffn_act='tanh': allowed values "
+     "are ['gelu', 'relu', 'swiglu']"),
 ])
 def test_impossible_configs_name_the_field(field, value, message):
   c = test_config.get_config()
@@ -188,6 +192,9 @@ def test_impossible_configs_name_the_field(field, value, message):
      "'toys']"),
     ({"model.item_features": "attributes", "data.name": "toys"}, None),
     ({"model.item_features": "attributes", "data.name": "ml-1m-seq"}, None),
+    ({"model.ffn_act": "swiglu", "model.name": "bsarec"},
+     "config.model.ffn_act='swiglu': only model.name='sasrec' has it"),
+    ({"model.ffn_act": "swiglu", "model.norm": "ligr"}, None),
 ])
 def test_impossible_field_combinations_are_refused(fields, message):
   c = test_config.get_config()
