@@ -39,9 +39,9 @@ BEAUTY_VARIANTS = [
 # Rows slow on this project's 2-core CPU: their score network runs for every
 # (query, key) pair at L = 200. din's [B, L, L, hidden] layers make it about
 # 12 hours a run here; additive, one hidden unit at a time since commit
-# 4a94208, trained in 100 minutes beside other work (this study's README). A lent GPU runs them
-# (experiments/gpu_checks.sh runs this sweep); study 009 does not wait for
-# them (see its sweep file).
+# 4a94208, trained in 100 minutes beside other work (this study's README).
+# A lent GPU runs them (experiments/gpu_checks.sh runs this sweep); study
+# 009 does not wait for them (see its sweep file).
 SLOW_ON_CPU = ("sasrec_ml1m__model.attention=additive__seed0",
                "sasrec_ml1m__model.attention=din__seed0")
 
