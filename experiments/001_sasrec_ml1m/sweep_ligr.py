@@ -12,7 +12,8 @@ tuning). Here the layer alone changes, on study 003's best SASRec,
 `configs/sasrec_ml1m.py:plus` (exact softmax, d = 64, dropout 0.1;
 0.1578 ± 0.0020 / 0.2807 ± 0.0061 over seeds 0-2): seed 0 first, against
 study 003's `sasrec_ml1m_plus__seed0` (validation 0.1586, test 0.1598 /
-0.2871); seeds 1-2 if validation moves beyond that seed's spread.
+0.2871); then seeds 1-2 (`--jobs=2` trains them side by side). Results:
+the study's README, "SASRec+ with eSASRec's layer".
 """
 
 
