@@ -46,6 +46,7 @@ ADDED_FIELDS = {
     "data.train_on_valid": False,  # validation items held out before f19417a
     "model.dense_init": "torch",  # PyTorch's Linear init before 25f5c4f
     "optimizer.ema_decay": 0.0,  # no parameter averaging before 938d9c2
+    "model.ffn_act": "relu",  # SASRec's ReLU feed-forward before 1949185
 }
 _SEED_SUFFIX = re.compile(r"_{1,2}seed\d+$")
 
@@ -167,11 +168,37 @@ def _config_as_now(config: dict) -> dict:
   return {**ADDED_FIELDS, **_flatten(config)}
 
 
+def _attn_fields_read(config: dict) -> set[str] | None:
+  """The `model.attn` fields the run's attention variant reads (None: unknown).
+
+  Each variant reads its own options (`recattn.attention.REGISTRY`) and the
+  layer around it reads `dropout`; a later change of another variant's
+  default (`low_rank_chunk` 32 -> 64 at 6907349) leaves the run unchanged.
+  """
+  from recattn import attention  # pylint: disable=g-import-not-at-top
+
+  variant = attention.REGISTRY.get(config.get("model.attention"))
+  if variant is None:
+    return None
+  return {f"model.attn.{f}" for f in (*variant.options, "dropout")}
+
+
+def _unread_attn_fields(a: dict, b: dict) -> set[str]:
+  """`model.attn` fields of `a` or `b` that neither run's variant reads."""
+  read_a, read_b = _attn_fields_read(a), _attn_fields_read(b)
+  if read_a is None or read_b is None:
+    return set()
+  return {k for k in (*a, *b)
+          if k.startswith("model.attn.") and k not in read_a | read_b}
+
+
 def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
   """Label -> its runs sorted by seed; labels in order of first appearance.
 
-  The seeds of a row must differ, and so must nothing else in their configs:
-  a label that hides a config difference would average unlike runs.
+  The seeds of a row must differ, and so must nothing else in their configs
+  that the run reads: a label that hides a config difference would average
+  unlike runs. Options of attention variants the row does not use are not
+  compared (`_unread_attn_fields`).
   """
   groups = {}
   for r in runs:
@@ -184,7 +211,8 @@ def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
         raise TableError(f"runs {prev.path} and {r.path} of row {label!r} "
                          f"have the same seed {r.seed}")
       other = _config_as_now(r.config)
-      key = _first_difference(ref, other, skip=PER_RUN_FIELDS)
+      unread = _unread_attn_fields(ref, other)
+      key = _first_difference(ref, other, skip=(*PER_RUN_FIELDS, *unread))
       if key:
         raise TableError(
             f"runs {members[0].path} and {r.path} of row {label!r} differ in "

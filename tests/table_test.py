@@ -34,7 +34,7 @@ def make_run(workdir, hr10=None, seed=0, label=None, config=None, card=None,
     *path, last = dotted.split(".")
     node = cfg
     for key in path:
-      node = node[key]
+      node = node.setdefault(key, {})
     node[last] = value
   records = {"config.json": cfg, "env.json": _load("env.json"),
              "data_card.json": dict(_load("data_card.json"), **(card or {}))}
@@ -287,6 +287,27 @@ def test_fields_added_since_a_run_read_as_their_old_behaviour(tmp_path):
   with pytest.raises(table.TableError, match=r"config\.model\.item_features "
                      r"\('none' vs 'attributes'\)"):
     table.make_tables([old, unlike])
+
+
+def test_options_of_an_unused_attention_variant_may_differ(tmp_path):
+  def run(path, seed, attention="scaled_dot", **attn):
+    attn = {"temperature": 1.0, "dropout": 0.0, "low_rank_chunk": 64, **attn}
+    config = {f"model.attn.{k}": v for k, v in attn.items()}
+    return make_run(tmp_path / path / f"m_seed{seed}", 0.3, seed=seed,
+                    config={"model.attention": attention, **config})
+
+  old = run("a", 0, low_rank_chunk=32)
+  groups = table.group_runs(table.find_runs([old, run("b", 1)])[0])
+  assert [r.seed for r in groups["m"]] == [0, 1]
+  # The variant's own options, and the layer's dropout, must still agree.
+  for field, a, b in (("temperature", 1.0, 0.5), ("dropout", 0.0, 0.1)):
+    with pytest.raises(table.TableError,
+                       match=rf"config\.model\.attn\.{field} \({a} vs {b}\)"):
+      table.make_tables([run(f"{field}0", 0), run(field, 1, **{field: b})])
+  with pytest.raises(table.TableError,
+                     match=r"config\.model\.attn\.low_rank_chunk \(32 vs 64\)"):
+    table.make_tables([run("lr0", 0, "low_rank", low_rank_chunk=32),
+                       run("lr1", 1, "low_rank")])
 
 
 def test_unfinished_runs_are_noted(study):
