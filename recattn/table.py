@@ -188,8 +188,8 @@ def _unread_attn_fields(a: dict, b: dict) -> set[str]:
   read_a, read_b = _attn_fields_read(a), _attn_fields_read(b)
   if read_a is None or read_b is None:
     return set()
-  return {k for k in (*a, *b)
-          if k.startswith("model.attn.") and k not in read_a | read_b}
+  read = read_a | read_b
+  return {k for k in (*a, *b) if k.startswith("model.attn.") and k not in read}
 
 
 def group_runs(runs: list[Run]) -> dict[str, list[Run]]:
