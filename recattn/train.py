@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from recattn import attention
 from recattn import checkpoint as checkpoint_lib
 from recattn import config_check
 from recattn import data as data_lib
@@ -306,7 +307,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   # layout step after step, whatever XLA would propagate.
   step_fn = jax.jit(make_train_step(graphdef, tx, config.loss, log_q),
                     donate_argnums=0,
-                    out_shardings=(state_sharding, replicated))
+                    out_shardings=(state_sharding, replicated),
+                    compiler_options=attention.compiler_options(
+                        config.model.attention))
   base_rng = jax.random.key(config.seed)
 
   eval_kwargs = dict(

@@ -1,5 +1,7 @@
 """Every attention variant inside the models: causal, and it learns."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -190,3 +192,38 @@ def test_encode_last_out_of_range_is_refused():
   for n in (0, MAX_LEN + 1):
     with pytest.raises(ValueError, match=rf"encode\(last={n}\).*\[1, 12\]"):
       model.encode(items, last=n)
+
+
+@pytest.mark.parametrize("variant", sorted(attention.REGISTRY))
+def test_cpu_compiler_options_train_the_same_model(variant):
+  options = attention.compiler_options(variant)
+  assert options == (attention.get(variant).cpu_compiler_options
+                     if jax.default_backend() == "cpu" else {})
+  if not options:
+    return
+  c = _config("sasrec", variant, "none")
+  model = models.create(c.model, num_items=NUM_ITEMS, max_len=MAX_LEN, seed=0)
+  graphdef, params = nnx.split(model)
+  # Plain SGD with rate 1: each parameter moves by its gradient (Adam's first
+  # step would magnify rounding in gradients near zero).
+  tx = optax.sgd(1.0)
+  state = {"params": params, "opt_state": tx.init(params),
+           "step": jnp.zeros((), jnp.int32)}
+  step = train.make_train_step(graphdef, tx, c.loss, jnp.zeros(NUM_ITEMS + 1))
+  batch, rng = _batch(5), jax.random.key(0)
+  plain, loss = jax.jit(step)(state, batch, rng)
+  tuned, tuned_loss = jax.jit(step, compiler_options=options)(state, batch,
+                                                              rng)
+  np.testing.assert_allclose(tuned_loss, loss, rtol=1e-5)
+  for a, b, p in zip(jax.tree.leaves(tuned["params"]),
+                     jax.tree.leaves(plain["params"]),
+                     jax.tree.leaves(params)):
+    np.testing.assert_allclose(a - p, b - p, rtol=1e-4, atol=1e-6)
+
+
+def test_compiler_options_this_jaxlib_rejects_are_dropped(monkeypatch):
+  bogus = {"xla_cpu_experimental_ynn_fusion_type": "NOT_A_FUSION_TYPE"}
+  monkeypatch.setitem(attention.REGISTRY, "din", dataclasses.replace(
+      attention.REGISTRY["din"], cpu_compiler_options=bogus))
+  assert attention.compiler_options("din") == {}
+  assert attention.compiler_options("scaled_dot") == {}

@@ -37,8 +37,10 @@ BEAUTY_VARIANTS = [
 
 
 # Rows slow on this project's 2-core CPU: their score network runs for every
-# (query, key) pair at L = 200. din's [B, L, L, hidden] layers make it about
-# 12 hours a run here; additive, one hidden unit at a time since commit
+# (query, key) pair at L = 200. din's [B, L, L, hidden] layers made it about
+# 12 hours a run here, 7-9 since its train step is 1.4-1.7x faster
+# (../000_speed_lean_step/README.md, "YNNPACK fusions"); additive, one
+# hidden unit at a time since commit
 # 4a94208, trained in 100 minutes beside other work (this study's README).
 # A lent GPU runs them (experiments/gpu_checks.sh runs this sweep); study
 # 009 does not wait for them (see its sweep file).

@@ -21,7 +21,10 @@ from collections.abc import Callable
 import dataclasses
 import functools
 
+from absl import logging
 from flax import nnx
+import jax
+import jax.numpy as jnp
 
 # Modules, one per variant family; `attention.<module>.<function>` is the
 # function (the registry below is the way models reach them).
@@ -49,6 +52,9 @@ class Variant:
     dropout: whether fn takes `dropout_rate`/`dropout_rng` (attention-weight
       dropout).
     doc: one line for listings.
+    cpu_compiler_options: XLA compile options for the train step of a model
+      built on this variant, on CPU (`compiler_options`); each one measured
+      in `experiments/000_speed_lean_step`.
   """
 
   fn: Callable[..., tuple]
@@ -56,6 +62,17 @@ class Variant:
   module: type[nnx.Module] | None = None
   dropout: bool = False
   doc: str = ""
+  cpu_compiler_options: dict[str, str] = dataclasses.field(
+      default_factory=dict)
+
+
+# XLA:CPU hands reductions to YNNPACK by default, whose sums over a middle
+# axis are slow; DIN's backward pass is mostly such sums (the `q * k` pair
+# term's gradient). Dots only: a DIN train step 0.59-0.73x, but `additive`
+# 1.2-1.3x and HSTU-large 1.15x, so only DIN asks for it
+# (experiments/000_speed_lean_step/README.md, "YNNPACK fusions").
+_YNN_DOTS_ONLY = {"xla_cpu_experimental_ynn_fusion_type":
+                  "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
 REGISTRY: dict[str, Variant] = {
@@ -93,7 +110,8 @@ REGISTRY: dict[str, Variant] = {
     "din": Variant(
         mlp_score.din, {"din_hidden": "hidden", "din_normalize": "normalize"},
         mlp_score.DIN,
-        doc="DIN activation unit MLP([q, k, q-k, q*k]), optional softmax"),
+        doc="DIN activation unit MLP([q, k, q-k, q*k]), optional softmax",
+        cpu_compiler_options=_YNN_DOTS_ONLY),
 }
 
 
@@ -106,6 +124,32 @@ def get(name: str) -> Variant:
         f"model.attention={name!r} is not a known attention variant; "
         f"valid names: {sorted(REGISTRY)}"
     ) from None
+
+
+@functools.cache
+def _accepted(options: tuple[tuple[str, str], ...]) -> bool:
+  """Whether this jaxlib's compiler takes `options` (compiles a scalar op)."""
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(
+        jnp.zeros((), jnp.float32)).compile()
+  except jax.errors.JaxRuntimeError as e:
+    logging.warning("XLA compile options %s not used: %s", dict(options), e)
+    return False
+  return True
+
+
+def compiler_options(name: str) -> dict[str, str]:
+  """Compile options for the train step of a model built on variant `name`.
+
+  The variant's `cpu_compiler_options` when the default backend is the CPU
+  and this jaxlib knows them (they are experimental XLA options; one that
+  is unknown or rejected is dropped with a warning), else `{}`. They change
+  how XLA:CPU schedules the same computation, not what it computes.
+  """
+  options = get(name).cpu_compiler_options
+  if not options or jax.default_backend() != "cpu":
+    return {}
+  return dict(options) if _accepted(tuple(sorted(options.items()))) else {}
 
 
 class _Stateless(nnx.Module):
@@ -138,6 +182,6 @@ def layer(name: str, num_heads: int, head_dim: int, attn_config=None, *,
   return variant.module(num_heads, head_dim, **options, rngs=rngs)
 
 
-__all__ = ["Mask", "REGISTRY", "Variant", "blockwise", "get", "hstu",
-           "hstu_pallas", "layer", "linear", "local", "low_rank", "mlp_score",
-           "scaled_dot"]
+__all__ = ["Mask", "REGISTRY", "Variant", "blockwise", "compiler_options",
+           "get", "hstu", "hstu_pallas", "layer", "linear", "local",
+           "low_rank", "mlp_score", "scaled_dot"]

@@ -198,20 +198,30 @@ def din(q, k, v, mask: Mask, bias=None, *, layers, normalize: bool = False,
   dh = q.shape[-1]
   (w1, b1), rest = layers[0], layers[1:]
   wq, wk, wd, wp = (w1[:, i * dh:(i + 1) * dh] for i in range(4))
+  # Heads first, pairs flattened: every layer is one `[pairs, A] @ [A, C]`
+  # matmul per head, whose operands XLA:CPU does not transpose (the
+  # three-operand einsum over `[B, H, q, k, A]` copied each of them). The
+  # backward pass of `q * k` sums over queries or keys, a middle axis: on
+  # CPU the variant's train step compiles with YNNPACK for dots only
+  # (`attention.compiler_options`), 1.4-1.7x faster than before both.
+  qh, kh = jnp.moveaxis(q, 2, 0), jnp.moveaxis(k, 2, 0)  # [H, B, L, Dh]
   # [q, k, q - k, q * k] @ W1 without building the concatenation.
-  qw = jnp.einsum("bqhd,hda->bhqa", q, wq + wd)
-  kw = jnp.einsum("bkhd,hda->bhka", k, wk - wd)
+  qw = (jnp.einsum("hbqd,hda->hbqa", qh, wq + wd)
+        + b1[:, None, None, :])
+  kw = jnp.einsum("hbkd,hda->hbka", kh, wk - wd)
 
   def score(q0, q1, k0, k1):
-    hidden = (qw[:, :, q0:q1, None] + kw[:, :, None, k0:k1]
-              + jnp.einsum("bqhd,bkhd,hda->bhqka", q[:, q0:q1], k[:, k0:k1],
-                           wp)
-              + b1[None, :, None, None])
+    heads, batch = qh.shape[:2]
+    pair_shape = (heads, batch, q1 - q0, k1 - k0)
+    pairs = qh[:, :, q0:q1, None] * kh[:, :, None, k0:k1]
+    hidden = jnp.einsum("hnd,hda->hna", pairs.reshape(heads, -1, dh), wp)
+    hidden = (hidden.reshape(pair_shape + (-1,))
+              + qw[:, :, q0:q1, None] + kw[:, :, None, k0:k1])
     for w, b in rest:
-      hidden = jax.nn.sigmoid(hidden)
-      hidden = (jnp.einsum("bhqka,hac->bhqkc", hidden, w)
-                + b[None, :, None, None])
-    return hidden[..., 0]
+      hidden = jax.nn.sigmoid(hidden).reshape(heads, -1, hidden.shape[-1])
+      hidden = (jnp.einsum("hna,hac->hnc", hidden, w)
+                + b[:, None, :]).reshape(pair_shape + (-1,))
+    return jnp.swapaxes(hidden[..., 0], 0, 1)  # [B, H, q, k]
 
   return _by_rows(score, v, mask, bias, q.shape[1], normalize=normalize,
                   return_weights=return_weights)
