@@ -309,13 +309,20 @@ def curves_figure(groups: dict, metric: str, context: str = "",
   return fig
 
 
+# Per-head sizes whose 0 in a config means dim // num_heads
+# (models/sasrec.py, models/hstu.py): a panel shows the size the model had.
+_PER_HEAD_FIELDS = ("model.qk_dim", "model.v_dim")
+
+
 def _config_value(workdir: str, field: str):
   path = os.path.join(workdir, "config.json")
-  value = _read_json(path)
+  config = value = _read_json(path)
   for part in field.split("."):
     if not isinstance(value, dict) or part not in value:
       raise PlotError(f"{path} has no field {field!r}")
     value = value[part]
+  if field in _PER_HEAD_FIELDS and value == 0:
+    return config["model"]["dim"] // config["model"]["num_heads"]
   return value
 
 

@@ -256,6 +256,19 @@ def test_params_panels_hold_the_centre_and_its_one_field_moves(params_study):
   assert [t.get_text() for t in first.get_xticklabels()] == ["1", "2", "5"]
 
 
+def test_params_shows_the_centres_per_head_size_not_its_zero(params_study):
+  # qk_dim = 0 means dim // num_heads (50 // 1 in the template's config)
+  for w in params_study.glob("c__seed*"):
+    config = json.loads((w / "config.json").read_text())
+    config["model"]["qk_dim"] = 0
+    (w / "config.json").write_text(json.dumps(config))
+  _params_run(params_study, "c_dk", {"model.attention": "linear",
+                                     "model.qk_dim": 25}, 0, 0.2)
+  axes, _, _ = plots.load_params([str(params_study.parent)], VALID)
+  assert [(v, c) for v, _, c in axes["model.qk_dim"]] == [(25, False),
+                                                          (50, True)]
+
+
 def test_params_refuses_runs_that_move_two_fields(params_study):
   _params_run(params_study, "c_two", {"model.attention": "linear",
                                       "model.num_heads": 2,
