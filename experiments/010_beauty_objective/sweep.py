@@ -104,10 +104,6 @@ STAGE4 = [
 ]
 
 
-# Refit protocol (its own table: the validation item is trained on, so
-# nothing is selected on it): BSARec with attributes retrained on every item
-# but the last for the median of the epochs that validation selected in its
-# seeds 0-2 (42, 18, 34), and tested once at that last epoch.
 # Stage 5: around the width-128 row (validation's choice), whose validation
 # plateaus from epoch 10 while its training loss keeps falling: more
 # dropout on the hidden states, and the relative position bias (+1.3% on
@@ -118,6 +114,10 @@ STAGE5 = [
 ]
 
 
+# Refit protocol (its own table: the validation item is trained on, so
+# nothing is selected on it): BSARec with attributes retrained on every item
+# but the last for the median of the epochs that validation selected in its
+# seeds 0-2 (42, 18, 34), and tested once at that last epoch.
 REFIT = {"data.train_on_valid": True, "eval.select_metric": "none",
          "num_epochs": 34}
 
