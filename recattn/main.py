@@ -8,7 +8,9 @@ Several processes (hosts) add `--coordinator_address=host:port
 read them from the cluster (SLURM, Cloud TPU); see docs/distributed.md.
 
 Parses flags and calls `train.train_and_evaluate`; everything else is a
-library importable from notebooks and tests.
+library importable from notebooks and tests. SIGTERM or SIGINT stops the
+run after its current step with a checkpoint and exit status 75
+(`recattn.interrupt`); the same command resumes it.
 """
 
 import logging as std_logging
@@ -19,6 +21,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from recattn import distributed
+from recattn import interrupt
 from recattn import train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -58,6 +61,11 @@ def main(argv):
           train.NonFiniteLossError) as e:
     # One clear line instead of a traceback: the cause is the input.
     raise SystemExit(f"error: {e}") from None
+  except interrupt.Interrupted as e:
+    # SIGTERM / SIGINT: the state is saved; EXIT_CODE tells a launcher
+    # (recattn.sweep, a cluster's requeue) that rerunning resumes.
+    logging.warning("interrupted: %s", e)
+    raise SystemExit(interrupt.EXIT_CODE) from None
 
 
 if __name__ == "__main__":

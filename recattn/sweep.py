@@ -18,6 +18,10 @@ the sweep file) through `python -m recattn.main`, its output appended to
 `log.txt` and its `run.json` (study, label, seed, config, overrides, command)
 written first. Runs with `final_metrics.json` are skipped; interrupted ones
 resume. Every run's config is built and validated before the first starts.
+SIGTERM or SIGINT (Ctrl-C) to the runner starts no further run and passes
+the stop on to the running trainings, which save their state after the
+current step (`recattn.interrupt`); the runner then exits with status 75,
+and the same command resumes the study.
 `--jobs=N` trains N runs at a time, in sweep order (for an accelerator that
 one small run leaves idle, or this project's 2-core CPU, where two at once
 train 1.18-1.20x the epochs per hour of one: experiments/000_speed_lean_step,
@@ -43,6 +47,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -54,6 +59,7 @@ from ml_collections import config_dict
 from ml_collections import config_flags
 
 from recattn import config_check
+from recattn import interrupt
 from recattn import reporting
 
 FLAGS = flags.FLAGS
@@ -349,12 +355,39 @@ def _clock(seconds: float) -> str:
   return f"{int(seconds // 3600)}:{int(seconds % 3600 // 60):02d}"
 
 
-def _train(run: Run, jobs: int = 1) -> tuple[int | str, float]:
+class _Stop(interrupt.StopRequest):
+  """The runner's stop request: reaches every running training once.
+
+  Entered (signal handlers installed) by `run_all`; `execute` without one
+  uses a `_Stop` that is never entered, so never requested.
+  """
+
+  def __init__(self):
+    super().__init__(on_stop=self._forward)
+    self.trainings = set()
+
+  def _forward(self, signum):
+    del signum
+    for proc in list(self.trainings):
+      _terminate(proc)
+
+
+def _terminate(proc) -> None:
+  try:
+    proc.send_signal(signal.SIGTERM)
+  except ProcessLookupError:  # it has just exited
+    pass
+
+
+def _train(run: Run, jobs: int = 1,
+           stop: _Stop | None = None) -> tuple[int | str, float]:
   """Trains one run in its workdir; returns (exit status, seconds).
 
   With `jobs > 1` the training learns, through `CONCURRENT_ENV`, how many
-  trainings share the machine, and its env.json records it.
+  trainings share the machine, and its env.json records it. While it runs
+  it is in `stop.trainings`, so that a stop request reaches it.
   """
+  stop = stop or _Stop()
   os.makedirs(run.workdir, exist_ok=True)
   with open(os.path.join(run.workdir, "run.json"), "w") as f:
     json.dump(run.record(), f, indent=2)
@@ -367,8 +400,13 @@ def _train(run: Run, jobs: int = 1) -> tuple[int | str, float]:
     env.pop(reporting.CONCURRENT_ENV, None)
     if jobs > 1:
       env[reporting.CONCURRENT_ENV] = str(jobs)
-    rc = subprocess.call(run.command, stdout=log, stderr=subprocess.STDOUT,
-                         env=env)
+    proc = subprocess.Popen(run.command, stdout=log,
+                            stderr=subprocess.STDOUT, env=env)
+    stop.trainings.add(proc)
+    if stop.requested:  # the request came while it started
+      _terminate(proc)
+    rc = proc.wait()
+    stop.trainings.discard(proc)
     seconds = time.time() - t0
     log.write(f"=== exit {rc} after {seconds:.1f} s\n")
   if rc == 0 and not run.finished():
@@ -376,15 +414,19 @@ def _train(run: Run, jobs: int = 1) -> tuple[int | str, float]:
   return rc, seconds
 
 
-def execute(runs: list[Run], jobs: int = 1) -> list[Run]:
+def execute(runs: list[Run], jobs: int = 1,
+            stop: _Stop | None = None) -> list[Run]:
   """Trains the unfinished runs, `jobs` at a time; returns the failed ones.
 
   `jobs > 1` runs several trainings side by side (one accelerator that a
   small model leaves mostly idle, or a CPU that one training leaves partly
   idle); their `s/epoch` then measure a shared machine: each run's env.json
   records `concurrent_runs`, and the table's footer names those rows. Time
-  studies with `jobs=1`.
+  studies with `jobs=1`. Once `stop` is requested no run starts, and runs
+  that stop at a checkpoint (exit status `interrupt.EXIT_CODE`) are not
+  failures.
   """
+  stop = stop or _Stop()
   todo = [run for run in runs if not run.finished()]
   index = {run.name: i for i, run in enumerate(runs, 1)}
   for run in runs:
@@ -396,10 +438,17 @@ def execute(runs: list[Run], jobs: int = 1) -> list[Run]:
 
   def one(run: Run) -> None:
     tag = f"[{index[run.name]}/{len(runs)}] {run.name}:"
+    if stop.requested:
+      print(f"{tag} not started (stopping)", flush=True)
+      return
     resume = os.path.isdir(os.path.join(run.workdir, "ckpt"))
     print(f"{tag} start{' (resuming)' if resume else ''}", flush=True)
-    rc, took = _train(run, min(jobs, len(todo)))
+    rc, took = _train(run, min(jobs, len(todo)), stop)
     with lock:
+      if rc == interrupt.EXIT_CODE:
+        print(f"{tag} stopped at a checkpoint after {took:.1f} s; the same "
+              "command resumes it", flush=True)
+        return
       seconds.append(took)
       if rc != 0:
         failed.append(run)
@@ -436,26 +485,33 @@ def run_all(sweep_path: str, root: str | None = None, only: str | None = None,
   """Trains every unfinished run, stage after stage (see the docstring).
 
   Raises:
-    SystemExit: with a one-line error, or the list of failed runs.
+    SystemExit: with a one-line error, or the list of failed runs; with
+      status `interrupt.EXIT_CODE` after SIGTERM or SIGINT (module
+      docstring).
   """
   if jobs < 1:
     raise SystemExit(f"error: --jobs={jobs} must be >= 1")
   runs = _expand(sweep_path, root, only)
-  for stage in range(1, _MAX_STAGES + 1):
-    failed = execute(runs, jobs)
-    if failed:
-      raise SystemExit(f"FAILED {len(failed)} of {len(runs)} runs (see "
-                       "their log.txt):\n" +
-                       "\n".join(r.workdir for r in failed))
-    known = {run.name for run in runs}
-    runs = _expand(sweep_path, root, only)  # a staged file may add runs now
-    added = [run.name for run in runs if run.name not in known]
-    if not added:
-      return
-    print(f"stage {stage + 1}: the sweep adds {len(added)} run(s): "
-          f"{', '.join(added)}", flush=True)
-  raise SystemExit(f"error: {sweep_path}: still adding runs after "
-                   f"{_MAX_STAGES} stages")
+  with _Stop() as stop:
+    for stage in range(1, _MAX_STAGES + 1):
+      failed = execute(runs, jobs, stop)
+      if stop.requested:
+        print(f"{stop.reason}: stopped; the same command resumes the "
+              "sweep", flush=True)
+        raise SystemExit(interrupt.EXIT_CODE)
+      if failed:
+        raise SystemExit(f"FAILED {len(failed)} of {len(runs)} runs (see "
+                         "their log.txt):\n" +
+                         "\n".join(r.workdir for r in failed))
+      known = {run.name for run in runs}
+      runs = _expand(sweep_path, root, only)  # a staged file may add runs now
+      added = [run.name for run in runs if run.name not in known]
+      if not added:
+        return
+      print(f"stage {stage + 1}: the sweep adds {len(added)} run(s): "
+            f"{', '.join(added)}", flush=True)
+    raise SystemExit(f"error: {sweep_path}: still adding runs after "
+                     f"{_MAX_STAGES} stages")
 
 
 def main(argv):

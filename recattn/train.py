@@ -8,6 +8,7 @@ the selected checkpoint, at the end.
 """
 
 import dataclasses
+import itertools
 import math
 import os
 import time
@@ -24,6 +25,7 @@ from recattn import checkpoint as checkpoint_lib
 from recattn import config_check
 from recattn import data as data_lib
 from recattn import distributed
+from recattn import interrupt
 from recattn import losses
 from recattn import models
 from recattn import optim
@@ -184,7 +186,19 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   """Trains, selects on validation, tests the selected checkpoint.
 
   Returns the flat dict also written to `<workdir>/final_metrics.json`.
+  Rerun with the same workdir, it resumes from `<workdir>/ckpt/latest`.
+
+  Raises:
+    interrupt.Interrupted: SIGTERM or SIGINT came during training (from the
+      main thread's point of view); the state after the current step is
+      saved in `ckpt/latest` (`recattn.interrupt`). A signal while the
+      selected checkpoint is tested is ignored: the run finishes.
   """
+  with interrupt.StopRequest() as stopper:
+    return _train_and_evaluate(config, workdir, stopper)
+
+
+def _train_and_evaluate(config, workdir: str, stopper) -> dict[str, float]:
   config_check.validate(config)
   t_start = time.time()
   os.makedirs(workdir, exist_ok=True)
@@ -329,8 +343,17 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   if restored is not None:
     state, meta = restored
     state = jax.device_put(state, state_sharding)
-    logging.info("resumed from epoch %d (step %d)", meta["epoch"],
-                 int(state["step"]))
+  # A run stopped mid-epoch saved the steps, losses and seconds of its
+  # unfinished epoch; that epoch goes on from the next batch of its
+  # (seed, epoch)-determined order.
+  partial = {"steps": meta.pop("epoch_steps", 0),
+             "losses": meta.pop("epoch_losses", []),
+             "seconds": meta.pop("epoch_partial_s", 0.0)}
+  if restored is not None:
+    logging.info("resumed from epoch %d (step %d)%s", meta["epoch"],
+                 int(state["step"]),
+                 f" and {partial['steps']} steps of epoch {meta['epoch'] + 1}"
+                 if partial["steps"] else "")
   writer = (reporting.MetricWriter(workdir, resume_step=int(state["step"]))
             if primary else _NoWriter())
   progress = reporting.Progress(total_steps, int(state["step"]),
@@ -339,10 +362,19 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   select = config.eval.select_metric
 
   epoch = meta["epoch"]
+  # One process checks for a stop after every step; several agree on it
+  # once an epoch (a collective), so that all of them save the same step.
+  one_process = jax.process_count() == 1
   try:
+    if stopper.requested and one_process:  # during data loading
+      raise interrupt.Interrupted(f"{stopper.reason}: stopped before "
+                                  "training; rerun the same command")
     while epoch < config.num_epochs:
-      t0 = time.time()
-      epoch_losses = []
+      t0 = time.time() - partial["seconds"]
+      # float32 as the step returns them: the epoch's mean is the same
+      epoch_losses = [np.float32(x) for x in partial["losses"]]
+      skip = partial["steps"]
+      partial = {"steps": 0, "losses": [], "seconds": 0.0}
       if shards:
         shard_rows, widths = shard_epoch_plan(
             lengths, local_batch, steps_per_epoch, epoch, config, *shard)
@@ -358,15 +390,24 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                     lengths, config.batch_size, epoch, config.seed,
                     config.data.bucket_chunk))
         mine = local
-      for rows, width in plan:
+      for rows, width in itertools.islice(plan, skip, None):
         batch = distributed.place(
             _train_batch(inputs, targets, times, rows, int(width), mine,
                          query_times),
             batch_sharding, config.batch_size)
         state, loss = step_fn(state, batch, base_rng)
         epoch_losses.append(loss)
-        progress.update(epoch * steps_per_epoch +
-                        len(epoch_losses), f"epoch {epoch + 1}")
+        done = len(epoch_losses)
+        progress.update(epoch * steps_per_epoch + done, f"epoch {epoch + 1}")
+        if stopper.requested and one_process and done < steps_per_epoch:
+          losses_so_far = [float(x) for x in jax.device_get(epoch_losses)]
+          ckpts.save_latest(epoch * steps_per_epoch + done, state, dict(
+              meta, epoch_steps=done, epoch_losses=losses_so_far,
+              epoch_partial_s=time.time() - t0))
+          raise interrupt.Interrupted(
+              f"{stopper.reason}: stopped after step {done} of "
+              f"{steps_per_epoch} of epoch {epoch + 1}, saved in "
+              f"{workdir}/ckpt/latest; rerun the same command to resume")
       epoch_losses = np.asarray(jax.device_get(epoch_losses))
       seconds = time.time() - t0
       epoch += 1
@@ -398,9 +439,16 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                         f"(best {meta['best']:.4f} @ {meta['best_epoch']})",
                         force=True)
       writer.write(step, scalars)
-      if stop or epoch % config.checkpoint.every_epochs == 0 or (
+      halt = bool(stopper.requested)
+      if not one_process:
+        halt = bool(distributed.host_allgather(np.int32(halt)).max())
+      if halt or stop or epoch % config.checkpoint.every_epochs == 0 or (
           epoch == config.num_epochs):
         ckpts.save_latest(step, state, meta)
+      if halt and not stop and epoch < config.num_epochs:
+        raise interrupt.Interrupted(
+            f"{stopper.reason}: stopped after epoch {epoch}, saved in "
+            f"{workdir}/ckpt/latest; rerun the same command to resume")
       if stop:
         logging.info("early stop at epoch %d: %s did not improve for %d "
                      "evaluations", epoch, select, meta["bad_evals"])

@@ -17,9 +17,11 @@ user.
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +32,7 @@ from flax import nnx
 from configs import test as test_config
 from recattn import checkpoint as checkpoint_lib
 from recattn import data as data_lib
+from recattn import interrupt
 from recattn import models
 from recattn import optim
 from recattn import sharding
@@ -72,10 +75,12 @@ def _assert_close(got, want, key):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=key)
 
 
-def _run_two_processes(tmp_path, workdir, *extra):
+def _run_two_processes(tmp_path, workdir, *extra, meanwhile=None,
+                       expect=0):
   """Runs the two processes to the end; returns their logs.
 
-  Fails on a hang or a non-zero exit, skips where gloo is missing.
+  `meanwhile(procs)` runs once both have started. Fails on a hang or an
+  exit status other than `expect`, skips where gloo is missing.
   """
   port = _free_port()
   logs = [open(tmp_path / f"process{i}.log", "w+") for i in range(2)]
@@ -86,6 +91,8 @@ def _run_two_processes(tmp_path, workdir, *extra):
       cwd=ROOT, env=_env(1), stdout=logs[i], stderr=subprocess.STDOUT,
       text=True) for i in range(2)]
   try:
+    if meanwhile is not None:
+      meanwhile(procs)
     codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
   except subprocess.TimeoutExpired:
     codes = None
@@ -110,7 +117,7 @@ def _run_two_processes(tmp_path, workdir, *extra):
       re.IGNORECASE):
     pytest.skip("this jaxlib has no gloo CPU collectives")
   for i, (code, out) in enumerate(zip(codes, outputs)):
-    assert code == 0, f"process {i}:\n{out[-3000:]}"
+    assert code == expect, f"process {i}:\n{out[-3000:]}"
   return outputs
 
 
@@ -149,6 +156,41 @@ def test_two_processes_train_like_one(tmp_path):
   # Both processes took part in the checkpoints Orbax wrote.
   assert (tmp_path / "two" / "ckpt" / "best").is_dir()
   assert (tmp_path / "two" / "ckpt" / "latest").is_dir()
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_epoch(tmp_path):
+  # The data is prepared by a one-process run first (as above).
+  single = subprocess.run(
+      _command(tmp_path, tmp_path / "one", "--config.num_epochs=1"),
+      cwd=ROOT, env=_env(2), capture_output=True, text=True,
+      timeout=TIMEOUT_S)
+  assert single.returncode == 0, single.stderr[-3000:]
+  workdir = tmp_path / "two"
+
+  def stop_process_1_after_epoch_1(procs):
+    deadline = time.time() + TIMEOUT_S
+    while not (workdir / "metrics.jsonl").exists() and (
+        time.time() < deadline and procs[0].poll() is None):
+      time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)  # process 0 is not told
+
+  epochs = "--config.num_epochs=50"
+  outputs = _run_two_processes(tmp_path, workdir, epochs,
+                               meanwhile=stop_process_1_after_epoch_1,
+                               expect=interrupt.EXIT_CODE)
+  stopped = [re.search(r"stopped after epoch (\d+)", o) for o in outputs]
+  assert all(stopped), outputs[0][-2000:]
+  epoch = int(stopped[0][1])
+  assert int(stopped[1][1]) == epoch < 50
+  assert "a stop requested in another process" in outputs[0]
+  # both saved the end of that epoch
+  steps_per_epoch = json.loads(
+      (tmp_path / "one" / "final_metrics.json").read_text())["train/steps"]
+  assert os.listdir(workdir / "ckpt" / "latest") == [
+      str(epoch * steps_per_epoch)]
+  outputs = _run_two_processes(tmp_path, workdir,
+                               f"--config.num_epochs={epoch + 1}")
+  assert f"resumed from epoch {epoch} (step " in outputs[0]
 
 
 # --- data.process_shards: each process reads and batches its own users ------

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import textwrap
@@ -14,6 +15,7 @@ import threading
 
 import pytest
 
+from recattn import interrupt
 from recattn import reporting
 from recattn import sweep
 
@@ -30,6 +32,25 @@ def _sweep_file(tmp_path, body: str) -> str:
   path.parent.mkdir(exist_ok=True)
   path.write_text(textwrap.dedent(body))
   return str(path)
+
+
+class _Finished:
+  """A `subprocess.Popen` stand-in whose training has already returned."""
+
+  def __init__(self, returncode):
+    self.returncode = returncode
+
+  def wait(self):
+    return self.returncode
+
+  def send_signal(self, signum):
+    pass
+
+
+def _fake_trainings(monkeypatch, fake_main):
+  """Runs `fake_main(command, stdout, stderr, env) -> status` per training."""
+  monkeypatch.setattr(sweep.subprocess, "Popen", lambda command, **kw:
+                      _Finished(fake_main(command, **kw)))
 
 
 def _cli(tmp_path, *args):
@@ -200,7 +221,7 @@ def test_a_failed_run_is_reported_and_the_sweep_goes_on(
       f.write("{}")
     return 0
 
-  monkeypatch.setattr(sweep.subprocess, "call", fake_main)
+  _fake_trainings(monkeypatch, fake_main)
   monkeypatch.setenv(reporting.CONCURRENT_ENV, "4")
   assert sweep.execute(runs) == [runs[0]]
   out = capsys.readouterr().out
@@ -238,13 +259,48 @@ def test_jobs_train_runs_side_by_side(tmp_path, monkeypatch, capsys):
       f.write("{}")
     return 0
 
-  monkeypatch.setattr(sweep.subprocess, "call", fake_main)
+  _fake_trainings(monkeypatch, fake_main)
   assert sweep.execute(runs, jobs=2) == [runs[2]]
   assert max(most) == 2
   # each training is told it shares the machine (env.json records it)
   assert set(told) == {"2"}
   out = capsys.readouterr().out
   assert out.count(": done in") == 3 and "test__seed2: FAILED (1)" in out
+
+
+def test_a_stop_reaches_the_running_training_and_starts_no_other(
+    tmp_path, monkeypatch, capsys):
+  path = _sweep_file(tmp_path, """
+      def get_sweep():
+        return {"name": "s", "configs": ["configs/test.py"], "seeds": [0, 1]}
+      """)
+  started, told = [], threading.Event()
+
+  class Training:  # a training that saves and exits 75 when told to stop
+    def __init__(self, command, **kwargs):
+      started.append(os.path.basename(command[4]))
+
+    def send_signal(self, signum):
+      assert signum == signal.SIGTERM
+      told.set()
+
+    def wait(self):
+      os.kill(os.getpid(), signal.SIGTERM)  # `kill <runner>` meanwhile
+      assert told.wait(30), "the runner did not pass the stop on"
+      return interrupt.EXIT_CODE
+
+  monkeypatch.setattr(sweep.subprocess, "Popen", Training)
+  before = signal.getsignal(signal.SIGTERM)
+  with pytest.raises(SystemExit) as stopped:
+    sweep.run_all(path)
+  assert stopped.value.code == interrupt.EXIT_CODE
+  assert started == ["test__seed0"]
+  assert signal.getsignal(signal.SIGTERM) is before
+  out = capsys.readouterr().out
+  assert "[1/2] test__seed0: stopped at a checkpoint after" in out
+  assert "[2/2] test__seed1: not started (stopping)" in out
+  assert out.splitlines()[-1] == (
+      "SIGTERM: stopped; the same command resumes the sweep")
 
 
 _GOOD = '"name": "s", "configs": ["configs/test.py"]'
@@ -381,7 +437,7 @@ def test_a_staged_sweep_runs_the_runs_each_stage_adds(
       json.dump({"valid/full/ndcg@10": score}, f)
     return 0
 
-  monkeypatch.setattr(sweep.subprocess, "call", fake_main)
+  _fake_trainings(monkeypatch, fake_main)
   sweep.run_all(path)
   assert trained == ["test__seed0", "test__model.dropout=0.1__seed0",
                      "test__model.dropout=0.1__seed1",

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ from flax import nnx
 from configs import test as test_config
 from recattn import config_check
 from recattn import data as data_lib
+from recattn import interrupt
 from recattn import losses
 from recattn import models
 from recattn import optim
@@ -102,6 +104,53 @@ def test_killed_and_resumed_run_ends_where_a_straight_run_does(
   steps = [json.loads(l)["step"] for l in open(
       os.path.join(workdir, "metrics.jsonl"))]
   assert steps == sorted(steps) and len(steps) == len(set(steps)) + 1, steps
+
+
+def test_sigterm_mid_epoch_saves_there_and_resuming_ends_as_a_straight_run(
+    tmp_path, monkeypatch):
+  straight = train.train_and_evaluate(_config(tmp_path),
+                                      str(tmp_path / "straight"))
+  steps_per_epoch = straight["train/steps"] // straight["train/epochs"]
+  real, calls = train.distributed.place, []
+
+  def place(*args, **kwargs):  # every training batch goes through it
+    calls.append(None)
+    if len(calls) == steps_per_epoch + 3:  # during epoch 2's third step
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(train.distributed, "place", place)
+  workdir = tmp_path / "stopped"
+  before = signal.getsignal(signal.SIGTERM)
+  with pytest.raises(interrupt.Interrupted,
+                     match=f"SIGTERM: stopped after step 3 of "
+                           f"{steps_per_epoch} of epoch 2"):
+    train.train_and_evaluate(_config(tmp_path), str(workdir))
+  assert signal.getsignal(signal.SIGTERM) is before
+  assert not (workdir / "final_metrics.json").exists()
+  assert os.listdir(workdir / "ckpt" / "latest") == [
+      str(steps_per_epoch + 3)]
+  monkeypatch.setattr(train.distributed, "place", real)
+  resumed = train.train_and_evaluate(_config(tmp_path), str(workdir))
+  assert _quality(resumed) == _quality(straight)
+  # the interrupted epoch's seconds are kept: one entry per epoch
+  assert resumed["train/epochs"] == straight["train/epochs"]
+  losses = [json.loads(l).get("train/loss") for l in open(
+      workdir / "metrics.jsonl")]
+  assert losses == [json.loads(l).get("train/loss") for l in open(
+      tmp_path / "straight" / "metrics.jsonl")]
+
+
+def test_stop_request_records_the_first_signal_and_restores_handlers():
+  told = []
+  before = signal.getsignal(signal.SIGINT)
+  with interrupt.StopRequest(on_stop=told.append) as stopper:
+    assert not stopper.requested
+    os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt
+    os.kill(os.getpid(), signal.SIGTERM)  # ignored: already stopping
+    assert stopper.requested == signal.SIGINT and stopper.reason == "SIGINT"
+  assert told == [signal.SIGINT]
+  assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_entry_point_end_to_end(tmp_path):
