@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from recattn import data
+from recattn.data import loading
 from recattn.data import parsing
 from recattn.data import sources
 from recattn.data import synthetic
@@ -253,6 +254,36 @@ def test_synthetic_sizes_and_determinism(tmp_path):
   other = data.load(_config(**fields, synthetic_seed=1))
   assert other.card["config"] != ds.card["config"]
   assert not np.array_equal(ds.items[:1000], other.items[:1000])
+
+
+@pytest.mark.parametrize("hook", ["download_and_prepare",
+                                  "_download_and_prepare"])
+def test_another_process_preparing_the_same_version(tmp_path, monkeypatch,
+                                                    hook):
+  """Two trainings of a `--jobs=N` sweep prepare one dataset at once.
+
+  The other process finishes just before this one starts preparing
+  (`download_and_prepare`), or while it writes its own copy
+  (`_download_and_prepare`: its final rename then finds the folder taken).
+  """
+  fields = dict(name="synthetic", synthetic_num_users=50,
+                synthetic_num_items=20, synthetic_mean_len=8)
+  config = _config(**fields, data_dir=str(tmp_path / "shared"))
+  cls = type(loading.make_builder(config))
+  real = getattr(cls, hook)
+
+  def other_process_first(self, *args, **kwargs):
+    monkeypatch.setattr(cls, hook, real)
+    data.load(config)
+    return real(self, *args, **kwargs)
+
+  monkeypatch.setattr(cls, hook, other_process_first)
+  ds = data.load(config)
+  alone = data.load(_config(**fields, data_dir=str(tmp_path / "alone")))
+  np.testing.assert_array_equal(ds.items, alone.items)
+  np.testing.assert_array_equal(ds.offsets, alone.offsets)
+  assert ds.card["users"] == 50 and ds.num_items == alone.num_items
+  assert len(_prepared_versions(tmp_path / "shared")) == 1
 
 
 def test_synthetic_is_learnable():

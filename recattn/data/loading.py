@@ -198,9 +198,18 @@ def load(data_config: Any,
   """
   builder = make_builder(data_config)
   if not builder.is_prepared():
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(
-            compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    try:
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(
+              compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    except FileExistsError:
+      # Another process (a `--jobs=N` sweep, a second host) prepared the
+      # same version while this one did: TFDS removed our copy; use theirs.
+      if not make_builder(data_config).is_prepared():
+        raise
+    # Read back what is on disk, whoever wrote it: a builder made before
+    # another process finished has no metadata.
+    builder = make_builder(data_config)
   items, offsets, times = _read_prepared(builder, shard)
   card = dict(builder.info.metadata)
   del card[ORIGINAL_ITEM_IDS]  # Up to ~10^5 ids: too big for a card.
