@@ -121,13 +121,14 @@ STAGE5 = [
 # training targets.
 DECAYED = {**WIDE, "optimizer.name": "adamw", "optimizer.weight_decay": 0.1}
 STAGE6 = [DECAYED]
+DECAYED_MORE = {**DECAYED, "optimizer.weight_decay": 0.3}
 
 
 # Then (2026-12-04, session 34), around the three seeds' row: a stronger
 # decay, 0.3 (about 9% an epoch at lr 5e-4), and two attention heads of 64
 # dimensions each where the published setting has one (width 64).
 STAGE6_MORE = [
-    {**DECAYED, "optimizer.weight_decay": 0.3},
+    DECAYED_MORE,
     {**DECAYED, "model.num_heads": 2},
     # Then the line's next point, once 0.3 had beaten 0.1 on validation,
     # and, as 1.0's validation climbed far slower (0.0605 at epoch 12,
@@ -175,5 +176,5 @@ def get_sweep():
       _group([bsarec_attr], STAGE6_MORE),
       # Decay 0.3's validation (0.0810 at epoch 24) beat decay 0.1's seed 0
       # (0.0794) by more than that row's seed spread: seeds 1 and 2.
-      _group([bsarec_attr], STAGE6_MORE[:1], seeds=[1, 2]),
+      _group([bsarec_attr], [DECAYED_MORE], seeds=[1, 2]),
   ]
