@@ -428,3 +428,21 @@ def test_committed_tables_regenerate_byte_for_byte(committed, tmp_path):
   for ext in ("md", "tex", "csv"):
     assert (tmp_path / f"{stem}.{ext}").read_bytes() == (
         ROOT / f"{stem}.{ext}").read_bytes(), f"{stem}.{ext}"
+
+
+@pytest.mark.skipif(not (ROOT / ".git").exists(), reason="needs the git tree")
+def test_every_committed_run_record_is_a_finished_run():
+  # A run still training writes config/env/metrics records that are not
+  # git-ignored; committing them (`git add experiments`) would ship a row
+  # that a table silently drops as unfinished. Committed run directories
+  # must hold the final metrics.
+  listed = subprocess.run(["git", "ls-files", "--", "experiments"], cwd=ROOT,
+                          capture_output=True, text=True, check=True).stdout
+  files = {pathlib.PurePosixPath(line) for line in listed.splitlines()}
+  records = {f.parent for f in files
+             if f.name == "config.json" and f.parent.parent.name == "runs"}
+  assert records, "no committed run records under experiments/*/runs"
+  unfinished = sorted(str(d) for d in records
+                      if d / "final_metrics.json" not in files)
+  assert not unfinished, (
+      f"committed runs without final_metrics.json: {unfinished}")

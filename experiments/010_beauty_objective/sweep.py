@@ -138,6 +138,19 @@ STAGE6_MORE = [
 ]
 
 
+# Stage 7 (2026-12-04, session 35): decay 0.5's seed 0 came out level with
+# 0.3's (validation 0.0809 against 0.0810), so the decay line is flat there.
+# Two moves on top of decay 0.3: the width doubled again (256; width 64 to
+# 128 was the one architecture step that moved validation, and decay is
+# what should let a wider model use its width), and Polyak averaging (EMA
+# of the parameters over ~1,000 steps, evaluated and selected on).
+WIDER = {"model.dim": 256, "model.ffn_dim": 1024}
+STAGE7 = [
+    {**DECAYED_MORE, **WIDER},
+    {**DECAYED_MORE, "optimizer.ema_decay": 0.999},
+]
+
+
 # Refit protocol (its own table: the validation item is trained on, so
 # nothing is selected on it): BSARec with attributes retrained on every item
 # but the last for the median of the epochs that validation selected in its
@@ -177,4 +190,5 @@ def get_sweep():
       # Decay 0.3's validation (0.0810 at epoch 24) beat decay 0.1's seed 0
       # (0.0794) by more than that row's seed spread: seeds 1 and 2.
       _group([bsarec_attr], [DECAYED_MORE], seeds=[1, 2]),
+      _group([bsarec_attr], STAGE7),
   ]
