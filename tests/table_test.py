@@ -434,7 +434,7 @@ def test_committed_tables_regenerate_byte_for_byte(committed, tmp_path):
 def test_every_committed_run_record_is_a_finished_run():
   # A run still training writes config/env/metrics records that are not
   # git-ignored; committing them (`git add experiments`) would ship a row
-  # that a table silently drops as unfinished. Committed run directories
+  # that every table leaves out as unfinished. Committed run directories
   # must hold the final metrics.
   listed = subprocess.run(["git", "ls-files", "--", "experiments"], cwd=ROOT,
                           capture_output=True, text=True, check=True).stdout
