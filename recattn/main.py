@@ -22,6 +22,7 @@ from ml_collections import config_flags
 
 from recattn import distributed
 from recattn import interrupt
+from recattn import runlock
 from recattn import train
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -58,8 +59,9 @@ def main(argv):
   try:
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except (train.config_check.ConfigError, train.data_lib.DataError,
-          train.NonFiniteLossError) as e:
-    # One clear line instead of a traceback: the cause is the input.
+          train.NonFiniteLossError, runlock.Busy) as e:
+    # One clear line instead of a traceback: the cause is the input (or a
+    # training of the same workdir still running).
     raise SystemExit(f"error: {e}") from None
   except interrupt.Interrupted as e:
     # SIGTERM / SIGINT: the state is saved; EXIT_CODE tells a launcher

@@ -17,7 +17,9 @@ without duplicates. Each run trains in `<root>/<name>` (root: `runs/` beside
 the sweep file) through `python -m recattn.main`, its output appended to
 `log.txt` and its `run.json` (study, label, seed, config, overrides, command)
 written first. Runs with `final_metrics.json` are skipped; interrupted ones
-resume. Every run's config is built and validated before the first starts.
+resume; a run another process is training (its workdir's `train.lock`,
+`recattn.runlock`) is skipped, not failed. Every run's config is built and
+validated before the first starts.
 SIGTERM or SIGINT (Ctrl-C) to the runner starts no further run and passes
 the stop on to the running trainings, which save their state after the
 current step (`recattn.interrupt`); the runner then exits with status 75,
@@ -61,6 +63,7 @@ from ml_collections import config_flags
 from recattn import config_check
 from recattn import interrupt
 from recattn import reporting
+from recattn import runlock
 
 FLAGS = flags.FLAGS
 
@@ -440,6 +443,13 @@ def execute(runs: list[Run], jobs: int = 1,
     tag = f"[{index[run.name]}/{len(runs)}] {run.name}:"
     if stop.requested:
       print(f"{tag} not started (stopping)", flush=True)
+      return
+    busy = runlock.holder(run.workdir)
+    if busy is not None:
+      # Another sweep or launch is training it (runlock): leave it to that
+      # process; it is not a failure, and a later pass finds it done.
+      print(f"{tag} busy: another process trains it ({busy}); skipped",
+            flush=True)
       return
     resume = os.path.isdir(os.path.join(run.workdir, "ckpt"))
     print(f"{tag} start{' (resuming)' if resume else ''}", flush=True)

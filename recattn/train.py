@@ -7,6 +7,7 @@ else replicated. Validation picks the checkpoint; test is evaluated once, on
 the selected checkpoint, at the end.
 """
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -30,6 +31,7 @@ from recattn import losses
 from recattn import models
 from recattn import optim
 from recattn import reporting
+from recattn import runlock
 from recattn import sharding
 from recattn.data import batching
 from recattn.data import dataset as dataset_lib
@@ -189,17 +191,23 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   Rerun with the same workdir, it resumes from `<workdir>/ckpt/latest`.
 
   Raises:
+    runlock.Busy: another process is training this workdir.
     interrupt.Interrupted: SIGTERM or SIGINT came during training (from the
       main thread's point of view); the state after the current step is
       saved in `ckpt/latest` (`recattn.interrupt`). A signal while the
       selected checkpoint is tested is ignored: the run finishes.
   """
-  with interrupt.StopRequest() as stopper:
+  config_check.validate(config)
+  with contextlib.ExitStack() as stack:
+    # Process 0 writes the records: it holds the workdir against a second
+    # training of it (runlock.Busy).
+    if distributed.is_primary():
+      stack.enter_context(runlock.hold(workdir))
+    stopper = stack.enter_context(interrupt.StopRequest())
     return _train_and_evaluate(config, workdir, stopper)
 
 
 def _train_and_evaluate(config, workdir: str, stopper) -> dict[str, float]:
-  config_check.validate(config)
   t_start = time.time()
   os.makedirs(workdir, exist_ok=True)
   # Several processes (jax.distributed) share the workdir: process 0 writes

@@ -17,6 +17,7 @@ import pytest
 
 from recattn import interrupt
 from recattn import reporting
+from recattn import runlock
 from recattn import sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -230,6 +231,35 @@ def test_a_failed_run_is_reported_and_the_sweep_goes_on(
   assert "[2/2] test__seed1: done in" in out
   assert "=== exit 3 after" in (tmp_path / "study" / "runs" / "test__seed0" /
                                 "log.txt").read_text()
+
+
+def test_a_run_another_process_trains_is_skipped_untouched(
+    tmp_path, monkeypatch, capsys):
+  # Two sweeps whose runs overlap (or a sweep that re-expands beside a
+  # manual launch) must not train one workdir twice.
+  path = _sweep_file(tmp_path, """
+      def get_sweep():
+        return {"name": "s", "configs": ["configs/test.py"], "seeds": [0, 1]}
+      """)
+  runs = sweep.load_runs(path)
+  started = []
+
+  def fake_main(command, stdout, stderr, env):
+    del stdout, stderr, env
+    workdir = command[4].removeprefix("--workdir=")
+    started.append(os.path.basename(workdir))
+    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+      f.write("{}")
+    return 0
+
+  _fake_trainings(monkeypatch, fake_main)
+  with runlock.hold(runs[0].workdir):
+    assert sweep.execute(runs) == []
+  out = capsys.readouterr().out
+  assert re.search(r"\[1/2\] test__seed0: busy: another process trains it "
+                   rf"\(pid {os.getpid()} on .*\); skipped\n", out), out
+  assert started == ["test__seed1"]
+  assert sorted(os.listdir(runs[0].workdir)) == [runlock.LOCK_NAME]
 
 
 def test_jobs_train_runs_side_by_side(tmp_path, monkeypatch, capsys):

@@ -22,6 +22,7 @@ from recattn import interrupt
 from recattn import losses
 from recattn import models
 from recattn import optim
+from recattn import runlock
 from recattn import sharding
 from recattn import train
 from recattn.data import batching
@@ -283,6 +284,23 @@ def test_entry_point_prints_one_line_for_a_bad_config(tmp_path):
   assert proc.returncode != 0
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("error: config.model.num_heads=3"), proc.stderr
+
+
+def test_a_workdir_in_training_is_refused_before_anything_is_written(
+    tmp_path):
+  workdir = tmp_path / "run"
+  with runlock.hold(str(workdir)):
+    with pytest.raises(runlock.Busy, match="being trained by another"):
+      train.train_and_evaluate(_config(tmp_path), str(workdir))
+    proc = subprocess.run(
+        [sys.executable, "-m", "recattn.main", "--config=configs/test.py",
+         f"--workdir={workdir}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 1
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"error: {workdir} is being trained by another "
+                         f"process (pid {os.getpid()} "), proc.stderr
+  assert os.listdir(workdir) == [runlock.LOCK_NAME]
 
 
 def test_non_finite_loss_stops_with_the_step_range(tmp_path, monkeypatch):
