@@ -54,6 +54,18 @@ def _fake_trainings(monkeypatch, fake_main):
                       _Finished(fake_main(command, **kw)))
 
 
+def _workdir(command) -> str:
+  """The workdir of a `python -m recattn.main` command the sweep built."""
+  return command[4].removeprefix("--workdir=")
+
+
+def _trained(workdir: str, metrics: dict | None = None) -> int:
+  """Writes final metrics as a training that ends does; its status, 0."""
+  with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+    json.dump(metrics or {}, f)
+  return 0
+
+
 def _cli(tmp_path, *args):
   env = dict(os.environ, RECATTN_DATA_DIR=str(tmp_path / "tfds"),
              # Seeds of one override set compile the same programs.
@@ -215,12 +227,10 @@ def test_a_failed_run_is_reported_and_the_sweep_goes_on(
   def fake_main(command, stdout, stderr, env):
     # one at a time: a training does not inherit a stale sharing count
     assert reporting.CONCURRENT_ENV not in env
-    workdir = command[4].removeprefix("--workdir=")
+    workdir = _workdir(command)
     if workdir.endswith("seed0"):
       return 3
-    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-      f.write("{}")
-    return 0
+    return _trained(workdir)
 
   _fake_trainings(monkeypatch, fake_main)
   monkeypatch.setenv(reporting.CONCURRENT_ENV, "4")
@@ -246,11 +256,9 @@ def test_a_run_another_process_trains_is_skipped_untouched(
 
   def fake_main(command, stdout, stderr, env):
     del stdout, stderr, env
-    workdir = command[4].removeprefix("--workdir=")
+    workdir = _workdir(command)
     started.append(os.path.basename(workdir))
-    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-      f.write("{}")
-    return 0
+    return _trained(workdir)
 
   _fake_trainings(monkeypatch, fake_main)
   with runlock.hold(runs[0].workdir):
@@ -274,7 +282,7 @@ def test_jobs_train_runs_side_by_side(tmp_path, monkeypatch, capsys):
   both_started = threading.Barrier(2, timeout=10)
 
   def fake_main(command, stdout, stderr, env):
-    workdir = command[4].removeprefix("--workdir=")
+    workdir = _workdir(command)
     with lock:
       running.append(workdir)
       most.append(len(running))
@@ -285,9 +293,7 @@ def test_jobs_train_runs_side_by_side(tmp_path, monkeypatch, capsys):
       running.remove(workdir)
     if workdir.endswith("seed2"):
       return 1
-    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-      f.write("{}")
-    return 0
+    return _trained(workdir)
 
   _fake_trainings(monkeypatch, fake_main)
   assert sweep.execute(runs, jobs=2) == [runs[2]]
@@ -419,8 +425,7 @@ _PARAMS = "experiments/009_algorithm_parameters/sweep.py"
 
 def _finish(run, **metrics):
   os.makedirs(run.workdir, exist_ok=True)
-  with open(os.path.join(run.workdir, "final_metrics.json"), "w") as f:
-    json.dump(metrics, f)
+  _trained(run.workdir, metrics)
 
 
 def test_best_ranks_on_validation_only(tmp_path):
@@ -460,12 +465,10 @@ def test_a_staged_sweep_runs_the_runs_each_stage_adds(
   trained = []
 
   def fake_main(command, stdout, stderr, env):
-    workdir = command[4].removeprefix("--workdir=")
+    workdir = _workdir(command)
     trained.append(os.path.basename(workdir))
     score = 0.5 if "dropout" in workdir else 0.4
-    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-      json.dump({"valid/full/ndcg@10": score}, f)
-    return 0
+    return _trained(workdir, {"valid/full/ndcg@10": score})
 
   _fake_trainings(monkeypatch, fake_main)
   sweep.run_all(path)
